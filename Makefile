@@ -1,0 +1,49 @@
+# The two commands a new user needs are `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO_DIR ?= .ccat-demo
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test lint format clean
+
+help:
+	@echo "make demo    - local operations database on SQLite: migrate, seed, show the topology"
+	@echo "make test    - lint + the test suite (starts its own PostgreSQL from a wheel)"
+	@echo "make lint    - ruff check + ruff format --check"
+	@echo "make format  - ruff format + ruff check --fix"
+	@echo "make clean   - remove the virtualenv and the demo folder"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"' \
+	  || { echo "error: $(PYTHON) is older than 3.11; set PYTHON=python3.11"; exit 2; }
+	@$(PYTHON) -m venv $(VENV) \
+	  || { echo "error: cannot create a virtualenv; on Debian: apt-get install python3-venv"; \
+	       rm -rf $(VENV); exit 2; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	@mkdir -p $(DEMO_DIR)
+	CCAT_OPS_DB_URL=sqlite:///$(abspath $(DEMO_DIR))/ops_db.sqlite $(BIN)/ccat-ops-db init
+	CCAT_OPS_DB_URL=sqlite:///$(abspath $(DEMO_DIR))/ops_db.sqlite $(BIN)/ccat-ops-db check
+	CCAT_OPS_DB_URL=sqlite:///$(abspath $(DEMO_DIR))/ops_db.sqlite $(BIN)/ccat-ops-db show
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: install
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

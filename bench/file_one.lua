@@ -1,0 +1,53 @@
+-- wrk script: POST one new raw data file per request (unique UUID, path and checksum).
+-- Reads TOKEN, EOU, MODULE, LOCATION from the environment.
+local counter = 0
+local thread_id = 0
+local threads = {}
+
+function setup(thread)
+  thread:set("thread_id", #threads + 1)
+  table.insert(threads, thread)
+end
+
+local token = os.getenv("TOKEN")
+local eou = os.getenv("EOU")
+local module = os.getenv("MODULE")
+local location = os.getenv("LOCATION")
+
+local function hex(n)
+  local t = {}
+  for i = 1, n do t[i] = string.format("%x", math.random(0, 15)) end
+  return table.concat(t)
+end
+
+function init(args)
+  math.randomseed(os.time() * 1000 + thread_id)
+end
+
+function request()
+  counter = counter + 1
+  local id = hex(8) .. "-" .. hex(4) .. "-4" .. hex(3) .. "-a" .. hex(3) .. "-" .. hex(12)
+  local body = string.format(
+    '{"id":"%s","relative_path":"wrk/t%d/%d/%s.dat","size":%d,"checksum":"%s",' ..
+    '"instrument_module_id":%s,"executed_obs_unit_id":"%s","source_location_id":%s}',
+    id, thread_id, counter, id, counter, hex(64), module, eou, location)
+  return wrk.format("POST", "/api/v1/raw_data_files", {
+    ["Content-Type"] = "application/json",
+    ["Authorization"] = "Bearer " .. token,
+  }, body)
+end
+
+local bad = 0
+function response(status, headers, body)
+  if status ~= 201 then
+    bad = bad + 1
+    if bad < 3 then io.stderr:write("unexpected " .. status .. ": " .. body .. "\n") end
+  end
+end
+
+function done(summary, latency, requests)
+  io.write(string.format("RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    summary.errors.status + summary.errors.connect + summary.errors.read +
+    summary.errors.write + summary.errors.timeout))
+end

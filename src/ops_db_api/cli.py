@@ -1,0 +1,61 @@
+"""``ccat-api``: serve the ops-db API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .settings import ApiSettings
+
+app = typer.Typer(
+    name="ccat-api",
+    help="The CCAT ops-db REST API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (CCAT_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (CCAT_API_PORT).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (CCAT_API_WORKERS).")
+    ] = None,
+) -> None:
+    """Serve the API with uvicorn (database from the CCAT_OPS_DB_* settings)."""
+    import uvicorn
+
+    s = ApiSettings()
+    uvicorn.run(
+        "ops_db_api.main:app",
+        host=host or s.host,
+        port=port or s.port,
+        workers=workers or s.workers,
+        log_level=s.log_level,
+        access_log=False,
+        proxy_headers=True,
+    )
+
+
+@app.command()
+def openapi() -> None:
+    """Print the OpenAPI document (JSON)."""
+    import json
+
+    from ccat_ops_db.db import make_engine
+
+    from .app import create_app
+
+    typer.echo(json.dumps(create_app(engine=make_engine("sqlite://")).openapi(), indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Prometheus metrics of the API (one registry per app)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class ApiMetrics:
+    """The API's metrics: request counts and latencies, filed files, process info."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ccat_api_requests_total",
+            "HTTP requests handled, by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ccat_api_request_duration_seconds",
+            "Time to handle a request, by method and route template.",
+            ["method", "route"],
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.files_filed = Counter(
+            "ccat_api_raw_data_files_filed_total",
+            "Raw data files newly recorded through the API.",
+            registry=self.registry,
+        )
+        self.bytes_filed = Counter(
+            "ccat_api_raw_data_bytes_filed_total",
+            "Bytes of the raw data files newly recorded through the API.",
+            registry=self.registry,
+        )
+        self.observations_started = Counter(
+            "ccat_api_executed_obs_units_started_total",
+            "Executed obs units started through the API.",
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "ccat_api_auth_failures_total",
+            "Requests refused for authentication (401) or authorization (403).",
+            ["status"],
+            registry=self.registry,
+        )
+        self.up = Gauge("ccat_api_up", "1 while the API process serves.", registry=self.registry)
+        self.up.set(1)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: counts and times every HTTP request by its route template."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics, prefix: str = "/api/v1") -> None:
+        self.app = app
+        self.metrics = metrics
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            # Routers included with a prefix report their own path: put the prefix back.
+            path = scope.get("path", "")
+            if (
+                template != "unmatched"
+                and path.startswith(self.prefix + "/")
+                and not template.startswith(self.prefix + "/")
+            ):
+                template = self.prefix + template
+            method = scope.get("method", "GET")
+            code = status["code"]
+            self.metrics.requests.labels(method, template, str(code)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
+            if code in (401, 403):
+                self.metrics.auth_failures.labels(str(code)).inc()

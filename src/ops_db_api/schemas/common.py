@@ -1,0 +1,55 @@
+"""Shared schema pieces: pages, ORM reading, validated paths and checksums."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class ORMModel(BaseModel):
+    """A response model read from ORM attributes."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list. Pass ``next_cursor`` as ``cursor`` to get the next page."""
+
+    items: list[T]
+    next_cursor: str | None = Field(None, description="None on the last page.")
+    limit: int
+
+
+def _relative_path(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    if value.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", value):
+        raise ValueError("must be relative to the location's root (no leading '/')")
+    parts = value.replace("\\", "/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError("must not contain empty, '.' or '..' components")
+    return value
+
+
+RelativePath = Annotated[
+    str,
+    Field(min_length=1, max_length=1024, examples=["2026/05/01/chai_lfa_0001.fits"]),
+    AfterValidator(_relative_path),
+]
+
+CHECKSUM_LENGTHS = {"sha256": 64, "blake2b": 128, "md5": 32, "adler32": 8}
+
+
+def check_checksum(algorithm: str, checksum: str) -> str:
+    """Lower-case hex of the right length for ``algorithm``, or ValueError."""
+    value = checksum.lower()
+    expected = CHECKSUM_LENGTHS.get(algorithm)
+    if not re.fullmatch(r"[0-9a-f]+", value):
+        raise ValueError("checksum must be hexadecimal")
+    if expected and len(value) != expected:
+        raise ValueError(f"a {algorithm} checksum has {expected} hex digits, got {len(value)}")
+    return value
