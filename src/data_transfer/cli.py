@@ -1,0 +1,234 @@
+"""``ccat-transfer``: workers, managers, queues and the pipeline's state from the command line.
+
+The database comes from ``CCAT_OPS_DB_*``, the broker and every other knob from
+``CCAT_TRANSFER_*`` (see :mod:`data_transfer.settings`).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from ccat_ops_db.config import ConfigurationError as DbConfigurationError
+
+from .errors import ConfigurationError
+from .managers import MANAGERS, run_loop, run_pass
+from .queues import discover_queues
+from .settings import load_transfer_settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+console = Console()
+err = Console(stderr=True)
+
+
+def _engine() -> Engine:
+    from ccat_ops_db.db import make_engine
+
+    return make_engine()
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def queues(
+    site: Annotated[str | None, typer.Option(help="only this site (short name)")] = None,
+    location: Annotated[list[str] | None, typer.Option(help="only these locations")] = None,
+    plain: Annotated[bool, typer.Option(help="names only, one per line")] = False,
+) -> None:
+    """Print the queues derived from the database (what a worker would listen to)."""
+    try:
+        with Session(_engine()) as s:
+            found = discover_queues(s, site=site, locations=location)
+    except (ConfigurationError, DbConfigurationError) as exc:
+        _fail(exc)
+        return
+    if plain:
+        for q in found:
+            console.print(q.name, highlight=False)
+        return
+    table = Table(title="Transfer queues")
+    for col in ("queue", "site", "location", "type", "operation"):
+        table.add_column(col)
+    for q in found:
+        table.add_row(q.name, q.site, q.location, q.location_type, q.operation.value)
+    console.print(table)
+    console.print(f"{len(found)} queues")
+
+
+@app.command()
+def worker(
+    site: Annotated[str, typer.Option(help="site short name, e.g. ccat")],
+    location: Annotated[
+        list[str] | None, typer.Option(help="locations this host can reach (default: all)")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="parallel tasks")] = 2,
+    pool: Annotated[str, typer.Option(help="celery pool: threads, prefork or solo")] = "threads",
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Start a Celery worker listening to exactly the queues of these locations."""
+    try:
+        settings = load_transfer_settings()
+        with Session(_engine()) as s:
+            found = discover_queues(s, site=site, locations=location)
+    except (ConfigurationError, DbConfigurationError) as exc:
+        _fail(exc)
+        return
+    if not found:
+        _fail(ConfigurationError(f"no queues for site {site!r} and locations {location}"))
+    from . import metrics
+    from .celery_app import make_celery
+
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.metrics_host)
+    celery = make_celery(settings)
+    names = sorted({q.name for q in found})
+    err.print(f"worker for {site}/{','.join(location or ['*'])}: {len(names)} queues")
+    tag = "-".join(location or ["all"])
+    celery.worker_main(
+        argv=[
+            "worker",
+            "-Q",
+            ",".join(names),
+            "-n",
+            f"{site}-{tag}@%h",
+            "--pool",
+            pool,
+            "-c",
+            str(concurrency),
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def manager(
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(MANAGERS)}")],
+    once: Annotated[bool, typer.Option("--once", help="one pass, then exit")] = False,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run one stage's manager as a loop (or one pass with --once)."""
+    if name not in MANAGERS:
+        _fail(ConfigurationError(f"unknown manager {name!r} (known: {', '.join(MANAGERS)})"))
+    _logging(loglevel)
+    try:
+        settings = load_transfer_settings()
+        engine = _engine()
+    except (ConfigurationError, DbConfigurationError) as exc:
+        _fail(exc)
+        return
+    from . import metrics
+    from .celery_app import CeleryDispatcher, make_celery
+    from .heartbeat import RedisHeartbeats
+
+    dispatcher = CeleryDispatcher(make_celery(settings))
+    heartbeats = RedisHeartbeats(settings.heartbeat_redis_url)
+    if once:
+        report = run_pass(name, engine, settings, dispatcher, heartbeats)
+        console.print(str(report), highlight=False)
+        return
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.metrics_host, engine)
+    stop = {"flag": False}
+
+    def _stop(*_: object) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    err.print(f"manager {name}: every {settings.manager_sleep_s:g} s (Ctrl-C stops)")
+    run_loop(
+        name, engine, settings, dispatcher, heartbeats=heartbeats, should_stop=lambda: stop["flag"]
+    )
+
+
+@app.command("run-once")
+def run_once(
+    inline: Annotated[
+        bool, typer.Option(help="run the tasks in this process instead of sending them")
+    ] = False,
+) -> None:
+    """Every manager one pass, in pipeline order."""
+    try:
+        settings = load_transfer_settings()
+        engine = _engine()
+    except (ConfigurationError, DbConfigurationError) as exc:
+        _fail(exc)
+        return
+    table = Table(title="Manager passes")
+    for col in ("manager", "created", "scheduled", "notes"):
+        table.add_column(col)
+    if inline:
+        from .inline import QueueDispatcher, run_all_once
+        from .operations import Context
+
+        reports = run_all_once(Context(engine=engine, settings=settings), QueueDispatcher())
+    else:
+        from .celery_app import CeleryDispatcher, make_celery
+        from .heartbeat import RedisHeartbeats
+
+        dispatcher = CeleryDispatcher(make_celery(settings))
+        hb = RedisHeartbeats(settings.heartbeat_redis_url)
+        reports = [run_pass(n, engine, settings, dispatcher, hb) for n in MANAGERS]
+    for r in reports:
+        table.add_row(r.manager, str(r.created), str(r.scheduled), "; ".join(r.notes)[:80])
+    console.print(table)
+
+
+@app.command()
+def status() -> None:
+    """Records per stage and status, and the failures with their reasons."""
+    from .metrics import failure_reasons, pipeline_counts
+
+    try:
+        engine = _engine()
+        counts = pipeline_counts(engine)
+        reasons = failure_reasons(engine)
+    except (ConfigurationError, DbConfigurationError) as exc:
+        _fail(exc)
+        return
+    table = Table(title="Pipeline")
+    cols = ("pending", "scheduled", "in_progress", "completed", "failed")
+    table.add_column("stage")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for stage_name, by in counts.items():
+        table.add_row(stage_name, *(str(by.get(c, 0)) for c in cols))
+    console.print(table)
+    if reasons:
+        t2 = Table(title="Failed, by reason")
+        for c in ("stage", "reason", "count"):
+            t2.add_column(c)
+        for (stage_name, reason), n in sorted(reasons.items()):
+            t2.add_row(stage_name, reason, str(n))
+        console.print(t2)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

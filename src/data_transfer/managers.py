@@ -1,0 +1,715 @@
+"""Managers: one per stage. Each pass scans the database, creates the records the next step
+needs, marks them SCHEDULED, commits, and only then submits a task carrying the record id.
+
+Every pass is safe to repeat and safe to interrupt: the records are the state. A task that was
+submitted twice finds nothing to claim the second time; a submission lost between commit and
+broker is found by the recovery sweeper (SCHEDULED too long) and submitted again.
+
+Run one as a loop (``ccat-transfer manager NAME``), one pass (``--once``), or every manager
+one pass in pipeline order (``ccat-transfer run-once``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from ccat_ops_db.enums import (
+    CopyType,
+    ExecutionStatus,
+    LocationType,
+    PackageState,
+    PhysicalCopyStatus,
+    Status,
+)
+from ccat_ops_db.models import (
+    DataLocation,
+    DataTransfer,
+    DataTransferPackage,
+    ExecutedObsUnit,
+    InstrumentModule,
+    LongTermArchiveTransfer,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataPackage,
+    StagingJob,
+)
+
+from . import deletion, routing, state
+from .errors import StalledTaskError
+from .heartbeat import Heartbeats, MemoryHeartbeats, task_key
+from .queues import Operation, location_queue
+from .settings import TransferSettings
+
+log = logging.getLogger("data_transfer.managers")
+
+
+class Dispatcher(Protocol):
+    """Where managers send work: Celery in production, a list or inline in tests."""
+
+    def submit(self, kind: str, payload: Any, queue: str) -> None:
+        """Send ``kind`` for ``payload`` (an id or a list of ids) to ``queue``."""
+        ...
+
+
+@dataclass
+class PassReport:
+    """What one manager pass did."""
+
+    manager: str
+    created: int = 0
+    scheduled: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        extra = f" ({'; '.join(self.notes)})" if self.notes else ""
+        return f"{self.manager}: created {self.created}, scheduled {self.scheduled}{extra}"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _due(model: Any) -> Any:
+    now = _now()
+    return or_(model.next_attempt_at.is_(None), model.next_attempt_at <= now)
+
+
+def _schedule_and_submit(
+    engine: Engine,
+    dispatcher: Dispatcher,
+    kind: str,
+    items: list[tuple[Any, str]],
+    report: PassReport,
+) -> None:
+    """PENDING → SCHEDULED for each (id, queue), commit, then submit."""
+    if not items:
+        return
+    sent: list[tuple[Any, str]] = []
+    with Session(engine) as s, s.begin():
+        for record_id, queue in items:
+            if state.schedule(s, kind, record_id):
+                sent.append((record_id, queue))
+    for record_id, queue in sent:
+        dispatcher.submit(kind, str(record_id) if kind == "staging_job" else record_id, queue)
+    report.scheduled += len(sent)
+
+
+# --- stage 1 --------------------------------------------------------------------------------
+
+
+def raw_data_packages(
+    engine: Engine, settings: TransferSettings, dispatcher: Dispatcher
+) -> PassReport:
+    """Group unpackaged files per (executed obs unit, module, SOURCE) into packages ≤ the
+    size limit, once the obs unit has finished (or gone idle); then schedule the builds."""
+    report = PassReport("raw_data_packages")
+    idle_before = _now() - dt.timedelta(seconds=settings.raw_package_idle_s)
+    with Session(engine) as s, s.begin():
+        groups = s.execute(
+            select(
+                RawDataFile.executed_obs_unit_id,
+                RawDataFile.instrument_module_id,
+                RawDataFile.source_location_id,
+            )
+            .join(ExecutedObsUnit, ExecutedObsUnit.id == RawDataFile.executed_obs_unit_id)
+            .join(DataLocation, DataLocation.id == RawDataFile.source_location_id)
+            .where(
+                RawDataFile.raw_data_package_id.is_(None),
+                DataLocation.active.is_(True),
+                DataLocation.location_type == LocationType.SOURCE,
+            )
+            .group_by(
+                RawDataFile.executed_obs_unit_id,
+                RawDataFile.instrument_module_id,
+                RawDataFile.source_location_id,
+                ExecutedObsUnit.status,
+            )
+            .having(
+                or_(
+                    ExecutedObsUnit.status != ExecutionStatus.RUNNING,
+                    func.max(RawDataFile.created_at) < idle_before.replace(tzinfo=None),
+                )
+            )
+            .limit(settings.batch_size)
+        ).all()
+        for eou_id, module_id, source_id in groups:
+            report.created += _package_group(s, settings, eou_id, module_id, source_id)
+    with Session(engine) as s:
+        rows = s.execute(
+            select(RawDataPackage.id, RawDataPackage.origin_location_id)
+            .where(RawDataPackage.status == Status.PENDING, _due(RawDataPackage))
+            .order_by(RawDataPackage.id)
+            .limit(settings.batch_size)
+        ).all()
+        items = [
+            (pid, location_queue(_loc(s, lid), Operation.RAW_DATA_PACKAGE_CREATION))
+            for pid, lid in rows
+        ]
+    _schedule_and_submit(engine, dispatcher, "raw_data_package", items, report)
+    return report
+
+
+def _loc(s: Session, loc_id: int) -> DataLocation:
+    loc = s.scalar(
+        select(DataLocation)
+        .where(DataLocation.id == loc_id)
+        .options(selectinload(DataLocation.site))
+    )
+    assert loc is not None
+    return loc
+
+
+def _package_group(
+    s: Session, settings: TransferSettings, eou_id: uuid.UUID, module_id: int, source_id: int
+) -> int:
+    files = list(
+        s.execute(
+            select(RawDataFile.id, RawDataFile.size)
+            .where(
+                RawDataFile.executed_obs_unit_id == eou_id,
+                RawDataFile.instrument_module_id == module_id,
+                RawDataFile.source_location_id == source_id,
+                RawDataFile.raw_data_package_id.is_(None),
+            )
+            .order_by(RawDataFile.relative_path)
+        ).all()
+    )
+    chunks: list[list[uuid.UUID]] = [[]]
+    size = 0
+    for fid, fsize in files:
+        if chunks[-1] and size + fsize > settings.raw_package_max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(fid)
+        size += fsize
+    module = s.get(InstrumentModule, module_id)
+    source = _loc(s, source_id)
+    slug = "".join(
+        c if c.isalnum() else "-" for c in (module.name if module else str(module_id))
+    ).lower()
+    made = 0
+    for chunk in chunks:
+        if not chunk:
+            continue
+        name = f"{source.site.short_name}-{eou_id.hex[:12]}-{slug}-{uuid.uuid4().hex[:8]}"
+        pkg = RawDataPackage(
+            name=name,
+            relative_path=f"raw_data_packages/{eou_id}/{name}.tar",
+            executed_obs_unit_id=eou_id,
+            instrument_module_id=module_id,
+            origin_location_id=source_id,
+            file_count=len(chunk),
+            status=Status.PENDING,
+            state=PackageState.WAITING,
+            checksum_algorithm=settings.checksum_algorithm,
+        )
+        s.add(pkg)
+        s.flush()
+        claimed = s.execute(
+            update(RawDataFile)
+            .where(RawDataFile.id.in_(chunk), RawDataFile.raw_data_package_id.is_(None))
+            .values(raw_data_package_id=pkg.id)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if claimed != len(chunk):  # another manager got some of them: give this one up
+            s.rollback()
+            return made
+        made += 1
+    return made
+
+
+# --- stage 2 --------------------------------------------------------------------------------
+
+
+def transfer_packages(
+    engine: Engine, settings: TransferSettings, dispatcher: Dispatcher
+) -> PassReport:
+    """Bundle finished raw data packages in each BUFFER into transfer packages (size target or
+    maximum wait), schedule their builds, and create the primary transfer of each built one."""
+    report = PassReport("transfer_packages")
+    oldest_ok = _now() - dt.timedelta(seconds=settings.transfer_package_max_wait_s)
+    with Session(engine) as s, s.begin():
+        rows = s.execute(
+            select(
+                RawDataPackage.id,
+                RawDataPackage.size,
+                RawDataPackage.updated_at,
+                PhysicalCopy.data_location_id,
+            )
+            .join(PhysicalCopy, PhysicalCopy.raw_data_package_id == RawDataPackage.id)
+            .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
+            .where(
+                RawDataPackage.status == Status.COMPLETED,
+                RawDataPackage.state == PackageState.WAITING,
+                RawDataPackage.data_transfer_package_id.is_(None),
+                PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                DataLocation.location_type == LocationType.BUFFER,
+            )
+            .order_by(RawDataPackage.id)
+        ).all()
+        by_buffer: dict[int, list[tuple[int, int, dt.datetime]]] = defaultdict(list)
+        seen: set[int] = set()
+        for pid, size, updated, loc_id in rows:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            by_buffer[loc_id].append((pid, size or 0, updated))
+        for loc_id, pkgs in by_buffer.items():
+            total = sum(p[1] for p in pkgs)
+            oldest = min(p[2] for p in pkgs)
+            if oldest.tzinfo is None:
+                oldest = oldest.replace(tzinfo=dt.UTC)
+            if total < settings.transfer_package_target_bytes and oldest > oldest_ok:
+                report.notes.append(f"buffer {loc_id}: {total} bytes waiting for more")
+                continue
+            chunk: list[int] = []
+            size = 0
+            for pid, psize, _ in pkgs:
+                chunk.append(pid)
+                size += psize
+                if size >= settings.transfer_package_target_bytes:
+                    _make_dtp(s, settings, loc_id, chunk)
+                    report.created += 1
+                    chunk, size = [], 0
+            if chunk:
+                _make_dtp(s, settings, loc_id, chunk)
+                report.created += 1
+    with Session(engine) as s:
+        rows2 = s.execute(
+            select(DataTransferPackage.id, DataTransferPackage.origin_location_id)
+            .where(DataTransferPackage.status == Status.PENDING, _due(DataTransferPackage))
+            .limit(settings.batch_size)
+        ).all()
+        items = [
+            (i, location_queue(_loc(s, lid), Operation.DATA_TRANSFER_PACKAGE_CREATION))
+            for i, lid in rows2
+        ]
+    _schedule_and_submit(engine, dispatcher, "data_transfer_package", items, report)
+    with Session(engine) as s, s.begin():
+        built = s.scalars(
+            select(DataTransferPackage)
+            .where(
+                DataTransferPackage.status == Status.COMPLETED,
+                ~select(DataTransfer.id)
+                .where(
+                    DataTransfer.data_transfer_package_id == DataTransferPackage.id,
+                    DataTransfer.is_secondary.is_(False),
+                )
+                .exists(),
+            )
+            .limit(settings.batch_size)
+        ).all()
+        for dtp in built:
+            if routing.create_primary_transfer(s, dtp) is not None:
+                report.created += 1
+    return report
+
+
+def _make_dtp(s: Session, settings: TransferSettings, loc_id: int, package_ids: list[int]) -> None:
+    loc = _loc(s, loc_id)
+    stamp = _now().strftime("%Y%m%dT%H%M%S")
+    name = f"{loc.site.short_name}-{loc.name}-{stamp}-{uuid.uuid4().hex[:8]}"
+    dtp = DataTransferPackage(
+        name=name,
+        relative_path=f"transfer_packages/{name}.tar",
+        origin_location_id=loc_id,
+        status=Status.PENDING,
+        checksum_algorithm=settings.checksum_algorithm,
+    )
+    s.add(dtp)
+    s.flush()
+    s.execute(
+        update(RawDataPackage)
+        .where(
+            RawDataPackage.id.in_(package_ids), RawDataPackage.data_transfer_package_id.is_(None)
+        )
+        .values(data_transfer_package_id=dtp.id, state=PackageState.TRANSFERRING)
+        .execution_options(synchronize_session=False)
+    )
+
+
+# --- stage 3 and 4 ----------------------------------------------------------------------------
+
+
+def transfers(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
+    """Schedule pending transfers whose package is present at the origin (pull: the queue of
+    the destination buffer)."""
+    report = PassReport("transfers")
+    with Session(engine) as s:
+        rows = s.execute(
+            select(DataTransfer.id, DataTransfer.destination_location_id)
+            .join(
+                PhysicalCopy,
+                and_(
+                    PhysicalCopy.data_transfer_package_id == DataTransfer.data_transfer_package_id,
+                    PhysicalCopy.data_location_id == DataTransfer.origin_location_id,
+                ),
+            )
+            .where(
+                DataTransfer.status == Status.PENDING,
+                _due(DataTransfer),
+                PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+            )
+            .order_by(DataTransfer.id)
+            .limit(settings.batch_size)
+        ).all()
+        items = [(i, location_queue(_loc(s, lid), Operation.DATA_TRANSFER)) for i, lid in rows]
+    _schedule_and_submit(engine, dispatcher, "data_transfer", items, report)
+    return report
+
+
+def unpacking(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
+    """Schedule the unpack of every completed transfer at its destination buffer."""
+    report = PassReport("unpacking")
+    with Session(engine) as s:
+        rows = s.execute(
+            select(DataTransfer.id, DataTransfer.destination_location_id)
+            .where(
+                DataTransfer.status == Status.COMPLETED,
+                DataTransfer.unpack_status == Status.PENDING,
+            )
+            .order_by(DataTransfer.id)
+            .limit(settings.batch_size)
+        ).all()
+        items = [
+            (i, location_queue(_loc(s, lid), Operation.DATA_TRANSFER_UNPACKING)) for i, lid in rows
+        ]
+    _schedule_and_submit(engine, dispatcher, "unpack", items, report)
+    return report
+
+
+# --- stage 5 --------------------------------------------------------------------------------
+
+
+def archive(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
+    """For every verified package copy in a buffer of an archive site, one archive transfer per
+    archive location of that site; schedule them on the archive's queue."""
+    report = PassReport("archive")
+    with Session(engine) as s, s.begin():
+        ltas = list(
+            s.scalars(
+                select(DataLocation).where(
+                    DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+                    DataLocation.active.is_(True),
+                )
+            )
+        )
+        for lta in ltas:
+            rows = s.execute(
+                select(PhysicalCopy.raw_data_package_id, PhysicalCopy.data_location_id)
+                .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
+                .join(RawDataPackage, RawDataPackage.id == PhysicalCopy.raw_data_package_id)
+                .where(
+                    PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
+                    PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                    PhysicalCopy.checksum_verified_at.is_not(None),
+                    PhysicalCopy.checksum == RawDataPackage.checksum,
+                    DataLocation.site_id == lta.site_id,
+                    DataLocation.location_type == LocationType.BUFFER,
+                    ~select(LongTermArchiveTransfer.id)
+                    .where(
+                        LongTermArchiveTransfer.raw_data_package_id
+                        == PhysicalCopy.raw_data_package_id,
+                        LongTermArchiveTransfer.destination_location_id == lta.id,
+                    )
+                    .exists(),
+                )
+                .limit(settings.batch_size)
+            ).all()
+            done: set[int] = set()
+            for pid, buf_id in rows:
+                if pid in done:
+                    continue
+                done.add(pid)
+                s.add(
+                    LongTermArchiveTransfer(
+                        raw_data_package_id=pid,
+                        origin_location_id=buf_id,
+                        destination_location_id=lta.id,
+                        status=Status.PENDING,
+                    )
+                )
+                report.created += 1
+    with Session(engine) as s:
+        rows2 = s.execute(
+            select(LongTermArchiveTransfer.id, LongTermArchiveTransfer.destination_location_id)
+            .where(LongTermArchiveTransfer.status == Status.PENDING, _due(LongTermArchiveTransfer))
+            .order_by(LongTermArchiveTransfer.id)
+            .limit(settings.batch_size)
+        ).all()
+        items = [
+            (i, location_queue(_loc(s, lid), Operation.LONG_TERM_ARCHIVE_TRANSFER))
+            for i, lid in rows2
+        ]
+    _schedule_and_submit(engine, dispatcher, "long_term_archive_transfer", items, report)
+    return report
+
+
+# --- stage 6 --------------------------------------------------------------------------------
+
+
+def staging(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
+    """Pick an archive holding every package of each pending staging job (same site as the
+    destination first), then schedule the job on the PROCESSING location's queue."""
+    report = PassReport("staging")
+    items: list[tuple[Any, str]] = []
+    with Session(engine) as s, s.begin():
+        jobs = s.scalars(
+            select(StagingJob)
+            .where(
+                StagingJob.status == Status.PENDING, StagingJob.active.is_(True), _due(StagingJob)
+            )
+            .options(selectinload(StagingJob.raw_data_packages))
+            .limit(settings.batch_size)
+        ).all()
+        for job in jobs:
+            ids = [p.id for p in job.raw_data_packages]
+            if job.origin_location_id is None:
+                cands = s.execute(
+                    select(PhysicalCopy.data_location_id, func.count())
+                    .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
+                    .where(
+                        PhysicalCopy.raw_data_package_id.in_(ids or [-1]),
+                        PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                        PhysicalCopy.checksum_verified_at.is_not(None),
+                        DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+                        DataLocation.active.is_(True),
+                    )
+                    .group_by(PhysicalCopy.data_location_id)
+                ).all()
+                full = [lid for lid, n in cands if n == len(ids)]
+                if not full:
+                    report.notes.append(f"job {job.id}: packages not all archived yet")
+                    continue
+                dest_site = job.destination_location.site_id
+                full.sort(key=lambda lid: (_loc(s, lid).site_id != dest_site, lid))
+                job.origin_location_id = full[0]
+            items.append((job.id, location_queue(job.destination_location, Operation.STAGING)))
+    _schedule_and_submit(engine, dispatcher, "staging_job", items, report)
+    return report
+
+
+# --- stage 7 --------------------------------------------------------------------------------
+
+
+def deletions(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
+    """Schedule the deletion of every copy the rules allow, one task per location and package.
+
+    Candidates: live copies at SOURCE, BUFFER and PROCESSING, and failed deletions whose
+    back-off has passed. Every candidate goes through :func:`deletion.verdict`.
+    """
+    report = PassReport("deletion")
+    batches: dict[tuple[int, Any], list[int]] = defaultdict(list)
+    now = _now()
+    with Session(engine) as s, s.begin():
+        copies = s.scalars(
+            select(PhysicalCopy)
+            .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
+            .where(
+                DataLocation.location_type.in_(
+                    [LocationType.SOURCE, LocationType.BUFFER, LocationType.PROCESSING]
+                ),
+                or_(
+                    PhysicalCopy.status.in_(
+                        [PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED]
+                    ),
+                    and_(
+                        PhysicalCopy.status == PhysicalCopyStatus.DELETION_FAILED,
+                        PhysicalCopy.retry_count <= settings.max_retries,
+                        _due(PhysicalCopy),
+                    ),
+                ),
+                # staged files go with their package directory
+                ~and_(
+                    PhysicalCopy.copy_type == CopyType.RAW_DATA_FILE,
+                    PhysicalCopy.status == PhysicalCopyStatus.STAGED,
+                ),
+            )
+            .order_by(PhysicalCopy.id)
+            .limit(settings.batch_size * 20)
+        ).all()
+        pkg_cache: dict[Any, list[int]] = {}
+        for copy in copies:
+            v = deletion.verdict(s, copy, now)
+            if not v.allowed:
+                continue
+            copy.status = PhysicalCopyStatus.DELETION_SCHEDULED
+            key = copy.raw_data_file_id and pkg_cache.setdefault(
+                copy.raw_data_file_id, deletion.packages_held(s, copy)
+            )
+            group = (copy.data_location_id, tuple(key) if key else copy.id)
+            batches[group].append(copy.id)
+    with Session(engine) as s:
+        items = [
+            (ids, location_queue(_loc(s, loc_id), Operation.DELETION))
+            for (loc_id, _), ids in batches.items()
+        ]
+    for ids, queue in items:
+        dispatcher.submit("deletion", ids, queue)
+        report.scheduled += len(ids)
+    return report
+
+
+# --- recovery and fixity ------------------------------------------------------------------------
+
+
+def recovery(
+    engine: Engine,
+    settings: TransferSettings,
+    dispatcher: Dispatcher,
+    heartbeats: Heartbeats | None = None,
+) -> PassReport:
+    """Reset stalled work without a person: IN_PROGRESS records whose task heartbeat stopped
+    (worker died), SCHEDULED records whose task never started, and deletions stuck in progress.
+    Each reset counts as a failed attempt with a reason that says what happened."""
+    report = PassReport("recovery")
+    hb = heartbeats or MemoryHeartbeats()
+    now = _now()
+    stale = now - dt.timedelta(seconds=settings.stale_after_s)
+    too_long = now - dt.timedelta(seconds=settings.scheduled_timeout_s)
+    with Session(engine) as s, s.begin():
+        for name, kind in state.KINDS.items():
+            col = getattr(kind.model, kind.status)
+            for rec in s.scalars(
+                select(kind.model).where(
+                    col.in_([Status.IN_PROGRESS, Status.SCHEDULED]),
+                    kind.model.updated_at < stale.replace(tzinfo=None),
+                )
+            ):
+                status = getattr(rec, kind.status)
+                if status == Status.IN_PROGRESS and hb.alive(task_key(name, rec.id)):
+                    continue
+                updated = (
+                    rec.updated_at.replace(tzinfo=dt.UTC)
+                    if rec.updated_at.tzinfo is None
+                    else rec.updated_at
+                )
+                if status == Status.SCHEDULED and updated > too_long:
+                    continue
+                waited = int((now - updated).total_seconds())
+                if status == Status.IN_PROGRESS:
+                    reason = StalledTaskError(
+                        f"no heartbeat for {waited} s: the worker died or lost the task"
+                    )
+                else:
+                    reason = StalledTaskError(
+                        f"task not started {waited} s after it was scheduled: submitted again"
+                    )
+                state.record_failure(s, rec, name, reason, settings)
+                if kind.next_attempt_at and getattr(rec, kind.status) == Status.PENDING:
+                    setattr(rec, kind.next_attempt_at, None)
+                report.created += 1
+        stuck = s.scalars(
+            select(PhysicalCopy).where(
+                PhysicalCopy.status.in_(
+                    [PhysicalCopyStatus.DELETION_IN_PROGRESS, PhysicalCopyStatus.DELETION_SCHEDULED]
+                ),
+                PhysicalCopy.updated_at < too_long.replace(tzinfo=None),
+            )
+        ).all()
+        for copy in stuck:
+            copy.status = PhysicalCopyStatus.DELETION_FAILED
+            copy.failure_reason = "StalledTask: deletion did not finish; will be retried"
+            report.created += 1
+    if report.created:
+        report.notes.append(f"reset {report.created} stalled records")
+    return report
+
+
+def fixity(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
+    """Queue archived copies for re-verification, oldest check first, within a byte budget."""
+    report = PassReport("fixity")
+    due_before = _now() - dt.timedelta(days=settings.fixity_interval_days)
+    budget = settings.fixity_bytes_per_pass
+    with Session(engine) as s:
+        rows = s.execute(
+            select(PhysicalCopy.id, PhysicalCopy.size, PhysicalCopy.data_location_id)
+            .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
+            .where(
+                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+                PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
+                PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                or_(
+                    PhysicalCopy.checksum_verified_at.is_(None),
+                    PhysicalCopy.checksum_verified_at < due_before.replace(tzinfo=None),
+                ),
+            )
+            .order_by(PhysicalCopy.checksum_verified_at.asc().nulls_first(), PhysicalCopy.id)
+            .limit(settings.batch_size)
+        ).all()
+        items = []
+        for cid, size, loc_id in rows:
+            if budget <= 0:
+                break
+            budget -= size or 0
+            items.append((cid, location_queue(_loc(s, loc_id), Operation.FIXITY)))
+    for cid, queue in items:
+        dispatcher.submit("fixity", cid, queue)
+        report.scheduled += 1
+    return report
+
+
+ManagerFn = Callable[[Engine, TransferSettings, Dispatcher], PassReport]
+
+#: The managers in pipeline order (``run-once`` runs them in this order).
+MANAGERS: dict[str, ManagerFn] = {
+    "raw_data_packages": raw_data_packages,
+    "transfer_packages": transfer_packages,
+    "transfers": transfers,
+    "unpacking": unpacking,
+    "archive": archive,
+    "staging": staging,
+    "deletion": deletions,
+    "recovery": recovery,  # type: ignore[dict-item]
+    "fixity": fixity,
+}
+
+
+def run_pass(
+    name: str,
+    engine: Engine,
+    settings: TransferSettings,
+    dispatcher: Dispatcher,
+    heartbeats: Heartbeats | None = None,
+) -> PassReport:
+    """One pass of manager ``name``."""
+    fn = MANAGERS[name]
+    if name == "recovery":
+        return recovery(engine, settings, dispatcher, heartbeats)
+    return fn(engine, settings, dispatcher)
+
+
+def run_loop(
+    name: str,
+    engine: Engine,
+    settings: TransferSettings,
+    dispatcher: Dispatcher,
+    *,
+    heartbeats: Heartbeats | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Poll → dispatch → sleep until ``should_stop()``; errors are logged and the loop goes on."""
+    while not should_stop():
+        try:
+            report = run_pass(name, engine, settings, dispatcher, heartbeats)
+            if report.created or report.scheduled:
+                log.info("%s", report)
+        except Exception:
+            log.exception("manager %s: pass failed; retrying after the sleep", name)
+        if heartbeats is not None:
+            heartbeats.beat(
+                f"health:data_transfer:manager_{name}", max(90.0, settings.manager_sleep_s * 3)
+            )
+        deadline = time.monotonic() + settings.manager_sleep_s
+        while time.monotonic() < deadline and not should_stop():
+            time.sleep(min(0.5, settings.manager_sleep_s))

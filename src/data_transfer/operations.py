@@ -1,0 +1,923 @@
+"""What the workers do: one function per operation, each taking a record id.
+
+Every operation follows the same frame (:func:`_run`): claim the record (SCHEDULED →
+IN_PROGRESS, one conditional UPDATE: a duplicate delivery finds nothing to claim), do the I/O
+outside any transaction while a heartbeat says the task is alive, then record the result in
+one transaction. On an exception the full traceback and the mover's output go to a log file,
+and the record gets ``"<ExceptionClass>: message (log: path)"`` plus a bounded retry with
+back-off (see :mod:`data_transfer.state`).
+
+Bytes are verified after every hop: the package tar is hashed while it is written at the
+SOURCE (each file checked against its filed checksum on the way), hashed again while it
+streams to every later location, and unpacking checks every member against the manifest in
+the same pass that writes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, selectinload
+
+from ccat_ops_db.enums import (
+    CopyType,
+    PackageState,
+    PhysicalCopyStatus,
+    RouteType,
+    Status,
+)
+from ccat_ops_db.models import (
+    DataLocation,
+    DataTransfer,
+    DataTransferLog,
+    DataTransferPackage,
+    DataTransferPackagePhysicalCopy,
+    LongTermArchiveTransfer,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataFilePhysicalCopy,
+    RawDataPackage,
+    RawDataPackagePhysicalCopy,
+    StagingJob,
+)
+
+from . import deletion, packaging, routing, state
+from .errors import (
+    ChecksumMismatchError,
+    ConfigurationError,
+    DeletionRefusedError,
+    TransferSystemError,
+    UnpackError,
+)
+from .heartbeat import Heartbeats, MemoryHeartbeats, beating, task_key
+from .locations import LocationRef
+from .metrics import TASK_METRICS
+from .movers import mover_for
+from .settings import TransferSettings
+
+log = logging.getLogger("data_transfer.operations")
+
+#: ``(src, dst, method, options=...) -> Mover``; defaults to :func:`movers.mover_for`.
+MoverFactory = Callable[..., Any]
+
+
+@dataclass
+class Context:
+    """What an operation needs: the database, the settings, heartbeats, mover choice."""
+
+    engine: Engine
+    settings: TransferSettings
+    heartbeats: Heartbeats = field(default_factory=MemoryHeartbeats)
+    # (src, dst, method) -> Mover; tests wrap it to count or to inject faults.
+    mover_factory: MoverFactory = mover_for
+
+    def session(self) -> Session:
+        """A new session (no expiry on commit: results are read after committing)."""
+        return Session(self.engine, expire_on_commit=False)
+
+
+@dataclass
+class Outcome:
+    """What one task did (returned to Celery; small and JSON-friendly)."""
+
+    kind: str
+    record_id: str
+    result: str  # "done", "skipped", "retry", "failed"
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        """JSON-friendly form."""
+        return {
+            "kind": self.kind,
+            "id": self.record_id,
+            "result": self.result,
+            "detail": self.detail,
+        }
+
+
+def now() -> dt.datetime:
+    """UTC now."""
+    return dt.datetime.now(dt.UTC)
+
+
+def write_log(ctx: Context, kind: str, record_id: object, text: str) -> str:
+    """Write a full log (command output, traceback) to a file; return its path."""
+    folder = Path(ctx.settings.log_dir) / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = now().strftime("%Y%m%dT%H%M%S%f")
+    path = folder / f"{record_id}-{stamp}.log"
+    path.write_text(text)
+    return str(path)
+
+
+def _add_log(session: Session, kind: str, record_id: Any, level: str, msg: str, path: str | None):
+    column = {
+        "data_transfer": "data_transfer_id",
+        "unpack": "data_transfer_id",
+        "long_term_archive_transfer": "long_term_archive_transfer_id",
+        "staging_job": "staging_job_id",
+    }.get(kind)
+    if column is None:
+        return
+    session.add(
+        DataTransferLog(**{column: record_id}, level=level, message=msg[:1000], log_path=path)
+    )
+
+
+def _run(ctx: Context, kind: str, record_id: Any, body: Callable[[], Callable[[Session], str]]):
+    """Claim, do the work (``body``) under a heartbeat, then commit its result.
+
+    ``body`` does the I/O and returns a function that records the result in a session.
+    """
+    with ctx.session() as session, session.begin():
+        if not state.claim(session, kind, record_id):
+            return Outcome(kind, str(record_id), "skipped", "not SCHEDULED (duplicate delivery?)")
+    key = task_key(kind, record_id)
+    started = now()
+    try:
+        with beating(
+            ctx.heartbeats, key, ctx.settings.heartbeat_interval_s, ctx.settings.stale_after_s
+        ):
+            commit = body()
+        with ctx.session() as session, session.begin():
+            detail = commit(session)
+        TASK_METRICS.done(kind, (now() - started).total_seconds())
+        return Outcome(kind, str(record_id), "done", detail)
+    except Exception as exc:
+        text = "".join(traceback.format_exception(exc))
+        output = getattr(exc, "output", "")
+        if output:
+            text += "\n--- mover output ---\n" + str(output)
+        path = write_log(ctx, kind, record_id, text)
+        log.warning("%s %s failed: %s", kind, record_id, state.describe_error(exc, path))
+        with ctx.session() as session, session.begin():
+            record = session.get(state.KINDS[kind].model, record_id)
+            if record is None:  # deleted under us: nothing to record
+                return Outcome(kind, str(record_id), "failed", str(exc))
+            _on_failure(ctx, session, kind, record, exc)
+            permanent = state.record_failure(
+                session, record, kind, exc, ctx.settings, log_path=path
+            )
+            _add_log(session, kind, record_id, "error", state.describe_error(exc), path)
+            if permanent:
+                _on_permanent_failure(session, kind, record)
+        TASK_METRICS.failed(kind, type(exc).__name__)
+        return Outcome(
+            kind,
+            str(record_id),
+            "failed" if permanent else "retry",
+            state.describe_error(exc, path),
+        )
+
+
+def _on_failure(ctx: Context, session: Session, kind: str, record: Any, exc: BaseException) -> None:
+    """Per-kind clean-up after a failure (before the retry bookkeeping)."""
+    if kind == "unpack" and isinstance(exc, ChecksumMismatchError | UnpackError):
+        # The copy that arrived is bad: drop it, and fetch it again from the origin.
+        copy = session.scalar(
+            select(PhysicalCopy).where(
+                PhysicalCopy.data_transfer_package_id == record.data_transfer_package_id,
+                PhysicalCopy.data_location_id == record.destination_location_id,
+            )
+        )
+        dest = _ref(record.destination_location)
+        path = record.data_transfer_package.relative_path
+        try:
+            ctx.mover_factory(dest, dest, None).delete(dest, path)
+        except Exception as del_exc:  # the retry will meet the bad file and say so
+            log.warning("could not remove bad copy %s at %s: %s", path, dest.label, del_exc)
+        if copy is not None:
+            copy.status = PhysicalCopyStatus.DELETED
+            copy.deleted_at = now()
+            copy.failure_reason = state.describe_error(exc)
+        record.status = Status.PENDING
+        record.retry_count = (record.retry_count or 0) + 1
+        record.failure_reason = f"re-fetch after bad copy: {state.describe_error(exc)}"[:1990]
+        record.next_attempt_at = None
+
+
+def _on_permanent_failure(session: Session, kind: str, record: Any) -> None:
+    """Make a permanent failure visible on the package operators look at."""
+    if kind == "raw_data_package":
+        record.state = PackageState.FAILED
+    elif kind == "long_term_archive_transfer":
+        pkg = session.get(RawDataPackage, record.raw_data_package_id)
+        if pkg is not None and pkg.state != PackageState.ARCHIVED:
+            pkg.state = PackageState.FAILED
+
+
+def _ref(loc: DataLocation) -> LocationRef:
+    return LocationRef.from_orm(loc)
+
+
+def _upsert_copy(
+    session: Session,
+    cls: type[PhysicalCopy],
+    item_field: str,
+    item_id: Any,
+    location_id: int,
+    **values: Any,
+) -> PhysicalCopy:
+    """Create or refresh the copy of one item at one location (unique per item+location)."""
+    copy = session.scalar(
+        select(PhysicalCopy).where(
+            getattr(PhysicalCopy, item_field) == item_id,
+            PhysicalCopy.data_location_id == location_id,
+        )
+    )
+    if copy is None:
+        copy = cls(**{item_field: item_id}, data_location_id=location_id)
+        session.add(copy)
+    copy.status = values.pop("status", PhysicalCopyStatus.PRESENT)
+    copy.deleted_at = None
+    copy.failure_reason = None
+    for key, value in values.items():
+        setattr(copy, key, value)
+    return copy
+
+
+# --- stage 1: raw data packages -----------------------------------------------------------
+
+
+def create_raw_data_package(ctx: Context, package_id: int) -> Outcome:
+    """Tar the package's files at the SOURCE into the site's primary BUFFER."""
+
+    def body() -> Callable[[Session], str]:
+        with ctx.session() as s:
+            pkg = s.get(RawDataPackage, package_id)
+            assert pkg is not None
+            files = list(
+                s.scalars(
+                    select(RawDataFile)
+                    .where(RawDataFile.raw_data_package_id == package_id)
+                    .order_by(RawDataFile.relative_path)
+                )
+            )
+            if not files:
+                raise ConfigurationError(f"raw data package {pkg.name} has no files")
+            source = s.get(DataLocation, files[0].source_location_id)
+            assert source is not None
+            buffer = routing.primary_buffer(s, source.site_id)
+            src, buf = _ref(source), _ref(buffer)
+            if src.is_remote or buf.is_remote:
+                raise ConfigurationError(
+                    f"packaging needs {src.label} and {buf.label} mounted on the worker "
+                    "(run the worker on the host that mounts both)"
+                )
+            members = [
+                packaging.Member(
+                    source=src.path(f.relative_path),
+                    arcname=f.relative_path,
+                    size=f.size,
+                    checksum=f.checksum,
+                    algorithm=str(f.checksum_algorithm),
+                )
+                for f in files
+            ]
+            meta = _package_metadata(s, pkg, files)
+            dest = buf.path(pkg.relative_path)
+            buffer_id = buffer.id
+            algorithm = str(pkg.checksum_algorithm)
+        result = packaging.build_package(
+            dest, pkg.name, members, algorithm=algorithm, metadata=meta
+        )
+
+        def commit(s: Session) -> str:
+            p = s.get(RawDataPackage, package_id)
+            assert p is not None
+            p.size = result.size
+            p.checksum = result.checksum
+            p.file_count = result.file_count
+            state.complete(p, "raw_data_package")
+            _upsert_copy(
+                s,
+                RawDataPackagePhysicalCopy,
+                "raw_data_package_id",
+                package_id,
+                buffer_id,
+                size=result.size,
+                checksum=result.checksum,
+                checksum_verified_at=now(),
+            )
+            TASK_METRICS.bytes("raw_data_package", result.size)
+            return f"{result.file_count} files, {result.size} bytes"
+
+        return commit
+
+    return _run(ctx, "raw_data_package", package_id, body)
+
+
+def _package_metadata(s: Session, pkg: RawDataPackage, files: list[RawDataFile]) -> dict:
+    eou = pkg.executed_obs_unit
+    module = pkg.instrument_module
+    return {
+        "package": pkg.name,
+        "executed_obs_unit": str(pkg.executed_obs_unit_id),
+        "obs_start": eou.start_time.isoformat() if eou and eou.start_time else None,
+        "instrument": module.instrument.name if module else None,
+        "instrument_module": module.name if module else None,
+        "file_count": len(files),
+        "bytes": sum(f.size for f in files),
+    }
+
+
+# --- stage 2: transfer packages -----------------------------------------------------------
+
+
+def create_data_transfer_package(ctx: Context, dtp_id: int) -> Outcome:
+    """Bundle raw data package tars in a BUFFER into one transfer package tar."""
+
+    def body() -> Callable[[Session], str]:
+        with ctx.session() as s:
+            dtp = s.get(DataTransferPackage, dtp_id)
+            assert dtp is not None
+            buf = _ref(dtp.origin_location)
+            pkgs = list(
+                s.scalars(
+                    select(RawDataPackage)
+                    .where(RawDataPackage.data_transfer_package_id == dtp_id)
+                    .order_by(RawDataPackage.id)
+                )
+            )
+            if not pkgs:
+                raise ConfigurationError(f"transfer package {dtp.name} has no raw data packages")
+            members = [
+                packaging.Member(
+                    source=buf.path(p.relative_path),
+                    arcname=p.relative_path,
+                    size=p.size or 0,
+                    checksum=p.checksum,
+                    algorithm=str(p.checksum_algorithm),
+                )
+                for p in pkgs
+            ]
+            dest = buf.path(dtp.relative_path)
+            name, algorithm, origin_id = dtp.name, str(dtp.checksum_algorithm), buf.id
+            meta = {"raw_data_packages": [p.name for p in pkgs]}
+        result = packaging.build_package(dest, name, members, algorithm=algorithm, metadata=meta)
+
+        def commit(s: Session) -> str:
+            d = s.get(DataTransferPackage, dtp_id)
+            assert d is not None
+            d.size, d.checksum = result.size, result.checksum
+            state.complete(d, "data_transfer_package")
+            _upsert_copy(
+                s,
+                DataTransferPackagePhysicalCopy,
+                "data_transfer_package_id",
+                dtp_id,
+                origin_id,
+                size=result.size,
+                checksum=result.checksum,
+                checksum_verified_at=now(),
+            )
+            TASK_METRICS.bytes("data_transfer_package", result.size)
+            return f"{len(members)} packages, {result.size} bytes"
+
+        return commit
+
+    return _run(ctx, "data_transfer_package", dtp_id, body)
+
+
+# --- stage 3: inter-site transfer ---------------------------------------------------------
+
+
+def transfer(ctx: Context, transfer_id: int) -> Outcome:
+    """Pull a transfer package from the origin BUFFER to the destination BUFFER."""
+
+    def body() -> Callable[[Session], str]:
+        with ctx.session() as s:
+            t = s.get(DataTransfer, transfer_id)
+            assert t is not None
+            dtp = t.data_transfer_package
+            src, dst = _ref(t.origin_location), _ref(t.destination_location)
+            path, expected, algorithm = dtp.relative_path, dtp.checksum, dtp.checksum_algorithm
+            method = str(t.method)
+            options = (t.route.options if t.route else None) or {}
+        mover = ctx.mover_factory(src, dst, method, options=options)
+        result = mover.copy(
+            src, path, dst, path, algorithm=str(algorithm), expected_checksum=expected
+        )
+        log_path = write_log(ctx, "data_transfer", transfer_id, result.output or "(no output)")
+
+        def commit(s: Session) -> str:
+            t = s.get(DataTransfer, transfer_id)
+            assert t is not None
+            t.bytes_transferred = result.bytes
+            t.rate_bytes_per_s = result.rate_bytes_per_s
+            state.complete(t, "data_transfer")
+            _upsert_copy(
+                s,
+                DataTransferPackagePhysicalCopy,
+                "data_transfer_package_id",
+                t.data_transfer_package_id,
+                t.destination_location_id,
+                size=result.bytes,
+                checksum=result.checksum,
+                checksum_verified_at=now(),
+            )
+            msg = (
+                f"{result.bytes} bytes {src.label} -> {dst.label} by {method} "
+                f"at {result.rate_bytes_per_s / 1e6:.1f} MB/s"
+            )
+            _add_log(s, "data_transfer", transfer_id, "info", msg, log_path)
+            routing.next_relay_leg(s, t)
+            TASK_METRICS.bytes("data_transfer", result.bytes)
+            return msg
+
+        return commit
+
+    return _run(ctx, "data_transfer", transfer_id, body)
+
+
+# --- stage 4: unpack and verify -----------------------------------------------------------
+
+
+def unpack(ctx: Context, transfer_id: int) -> Outcome:
+    """Unpack a transfer package at its destination BUFFER, verifying every checksum."""
+
+    def body() -> Callable[[Session], str]:
+        with ctx.session() as s:
+            t = s.get(DataTransfer, transfer_id)
+            assert t is not None
+            dtp = t.data_transfer_package
+            dst = _ref(t.destination_location)
+            if dst.is_remote:
+                raise ConfigurationError(f"unpacking needs {dst.label} mounted on the worker")
+            tar_path = dst.path(dtp.relative_path)
+            root = Path(dst.root_path or "")
+            expected, algorithm = dtp.checksum, str(dtp.checksum_algorithm)
+            pkgs = {p.relative_path: (p.id, p.checksum) for p in dtp.raw_data_packages}
+            dest_id = t.destination_location_id
+        if not tar_path.exists():
+            raise UnpackError(f"{tar_path}: transfer package is not at {dst.label}")
+        result = packaging.extract_package(
+            tar_path, root, expected_checksum=expected, algorithm=algorithm, nested=True
+        )
+        found = {m.path: m for m in result.members}
+        missing = [p for p in pkgs if p not in found]
+        if missing:
+            raise UnpackError(f"{tar_path}: packages missing from the tar: {', '.join(missing)}")
+        for path, (_pid, checksum) in pkgs.items():
+            if checksum and found[path].checksum != checksum:
+                raise ChecksumMismatchError(path, checksum, found[path].checksum, algorithm)
+
+        def commit(s: Session) -> str:
+            t = s.get(DataTransfer, transfer_id)
+            assert t is not None
+            stamp = now()
+            for path, (pid, checksum) in pkgs.items():
+                _upsert_copy(
+                    s,
+                    RawDataPackagePhysicalCopy,
+                    "raw_data_package_id",
+                    pid,
+                    dest_id,
+                    size=found[path].size,
+                    checksum=checksum,
+                    checksum_verified_at=stamp,
+                )
+            state.complete(t, "unpack")
+            files = sum(len(getattr(m, "inner", None) or []) for m in result.members)
+            msg = f"unpacked {len(pkgs)} packages ({files} files verified) at {dst.label}"
+            _add_log(s, "unpack", transfer_id, "info", msg, None)
+            routing.create_secondary_transfers(s, t)
+            return msg
+
+        return commit
+
+    return _run(ctx, "unpack", transfer_id, body)
+
+
+# --- stage 5: long-term archive -----------------------------------------------------------
+
+
+def archive(ctx: Context, ltat_id: int) -> Outcome:
+    """Copy a raw data package from a BUFFER into a LONG_TERM_ARCHIVE, with a sidecar."""
+
+    def body() -> Callable[[Session], str]:
+        with ctx.session() as s:
+            a = s.get(LongTermArchiveTransfer, ltat_id)
+            assert a is not None
+            pkg = a.raw_data_package
+            src, dst = _ref(a.origin_location), _ref(a.destination_location)
+            path, expected = pkg.relative_path, pkg.checksum
+            algorithm = str(pkg.checksum_algorithm)
+            sidecar = sidecar_document(s, pkg)
+            metadata = {
+                "ccat-package": pkg.name,
+                "ccat-executed-obs-unit": str(pkg.executed_obs_unit_id),
+            }
+        mover = ctx.mover_factory(src, dst, None)
+        result = mover.copy(
+            src, path, dst, path, algorithm=algorithm, expected_checksum=expected, metadata=metadata
+        )
+        sidecar_path = path + ".meta.json"
+        tmp_rel = f".sidecars/{uuid.uuid4().hex}.json"
+        tmp_abs = src.path(tmp_rel)
+        tmp_abs.parent.mkdir(parents=True, exist_ok=True)
+        tmp_abs.write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+        try:
+            mover.copy(src, tmp_rel, dst, sidecar_path, algorithm="sha256")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_abs.unlink()
+        log_path = write_log(ctx, "long_term_archive_transfer", ltat_id, result.output or "")
+
+        def commit(s: Session) -> str:
+            a = s.get(LongTermArchiveTransfer, ltat_id)
+            assert a is not None
+            stamp = now()
+            a.object_key = dst.key(path) if dst.storage_type == "s3" else path
+            a.sidecar_key = dst.key(sidecar_path) if dst.storage_type == "s3" else sidecar_path
+            a.bytes_transferred = result.bytes
+            a.checksum_verified_at = stamp
+            state.complete(a, "long_term_archive_transfer")
+            _upsert_copy(
+                s,
+                RawDataPackagePhysicalCopy,
+                "raw_data_package_id",
+                a.raw_data_package_id,
+                a.destination_location_id,
+                size=result.bytes,
+                checksum=result.checksum,
+                checksum_verified_at=stamp,
+            )
+            pkg = s.get(RawDataPackage, a.raw_data_package_id)
+            assert pkg is not None
+            if result.checksum == pkg.checksum and pkg.state != PackageState.ARCHIVED:
+                pkg.state = PackageState.ARCHIVED
+                pkg.archived_at = stamp
+            msg = f"archived {pkg.name} ({result.bytes} bytes) to {dst.label}"
+            _add_log(s, "long_term_archive_transfer", ltat_id, "info", msg, log_path)
+            TASK_METRICS.bytes("long_term_archive_transfer", result.bytes)
+            return msg
+
+        return commit
+
+    return _run(ctx, "long_term_archive_transfer", ltat_id, body)
+
+
+def sidecar_document(s: Session, pkg: RawDataPackage) -> dict[str, Any]:
+    """The metadata sidecar stored beside each archived package."""
+    files = list(
+        s.scalars(
+            select(RawDataFile)
+            .where(RawDataFile.raw_data_package_id == pkg.id)
+            .order_by(RawDataFile.relative_path)
+        )
+    )
+    doc = _package_metadata(s, pkg, files)
+    doc.update(
+        {
+            "format": "ccat-sidecar/1",
+            "checksum": pkg.checksum,
+            "checksum_algorithm": str(pkg.checksum_algorithm),
+            "size": pkg.size,
+            "metadata": pkg.package_metadata or {},
+            "files": [
+                {
+                    "id": str(f.id),
+                    "path": f.relative_path,
+                    "size": f.size,
+                    "checksum": f.checksum,
+                    "checksum_algorithm": str(f.checksum_algorithm),
+                }
+                for f in files
+            ],
+        }
+    )
+    ivoa = pkg.ivoa_metadata
+    if ivoa is not None:
+        doc["ivoa"] = {
+            c.key: getattr(ivoa, c.key)
+            for c in ivoa.__table__.columns
+            if c.key not in ("id", "raw_data_package_id")
+            and isinstance(getattr(ivoa, c.key), str | int | float | type(None))
+        }
+    return doc
+
+
+# --- stage 6: staging ---------------------------------------------------------------------
+
+
+def stage(ctx: Context, job_id: int) -> Outcome:
+    """Copy a staging job's packages from an archive to PROCESSING and unpack them there."""
+
+    def body() -> Callable[[Session], str]:
+        with ctx.session() as s:
+            job = s.scalar(
+                select(StagingJob)
+                .where(StagingJob.id == job_id)
+                .options(selectinload(StagingJob.raw_data_packages))
+            )
+            assert job is not None
+            if job.origin_location is None:
+                raise ConfigurationError(f"staging job {job_id} has no archive to stage from")
+            src, dst = _ref(job.origin_location), _ref(job.destination_location)
+            if dst.is_remote:
+                raise ConfigurationError(f"staging needs {dst.label} mounted on the worker")
+            items = [
+                (p.id, p.relative_path, p.checksum, str(p.checksum_algorithm))
+                for p in job.raw_data_packages
+            ]
+            files = {
+                p.id: [(f.id, f.relative_path) for f in p.files] for p in job.raw_data_packages
+            }
+            unpack_it = job.unpack
+            dest_id = job.destination_location_id
+        mover = ctx.mover_factory(src, dst, None)
+        job_dir = f"staging/job_{job_id}"
+        done: list[tuple[int, str, int, str]] = []
+        for pid, path, checksum, algorithm in items:
+            tar_rel = f"{job_dir}/{path}"
+            result = mover.copy(
+                src, path, dst, tar_rel, algorithm=algorithm, expected_checksum=checksum
+            )
+            if unpack_it:
+                packaging.extract_package(
+                    dst.path(tar_rel),
+                    dst.path(job_dir),
+                    expected_checksum=checksum,
+                    algorithm=algorithm,
+                )
+                dst.path(tar_rel).unlink()
+                done.append((pid, job_dir, result.bytes, result.checksum))
+            else:
+                done.append((pid, tar_rel, result.bytes, result.checksum))
+
+        def commit(s: Session) -> str:
+            job = s.get(StagingJob, job_id)
+            assert job is not None
+            stamp = now()
+            status = PhysicalCopyStatus.STAGED if unpack_it else PhysicalCopyStatus.PRESENT
+            for pid, rel, size, checksum in done:
+                _upsert_copy(
+                    s,
+                    RawDataPackagePhysicalCopy,
+                    "raw_data_package_id",
+                    pid,
+                    dest_id,
+                    status=status,
+                    relative_path=rel,
+                    size=size,
+                    checksum=checksum,
+                    checksum_verified_at=stamp,
+                )
+                if unpack_it:
+                    for fid, frel in files[pid]:
+                        _upsert_copy(
+                            s,
+                            RawDataFilePhysicalCopy,
+                            "raw_data_file_id",
+                            fid,
+                            dest_id,
+                            status=PhysicalCopyStatus.STAGED,
+                            relative_path=f"{job_dir}/{frel}",
+                            checksum_verified_at=stamp,
+                        )
+            state.complete(job, "staging_job")
+            msg = f"staged {len(done)} packages to {dst.label}/{job_dir}"
+            _add_log(s, "staging_job", job_id, "info", msg, None)
+            return msg
+
+        return commit
+
+    return _run(ctx, "staging_job", job_id, body)
+
+
+# --- stage 7: deletion --------------------------------------------------------------------
+
+
+def delete_copies(ctx: Context, copy_ids: list[int]) -> Outcome:
+    """Delete scheduled copies (all at one location), re-checking the rules for each first."""
+    deleted = refused = failed = 0
+    reasons: list[str] = []
+    for copy_id in copy_ids:
+        with ctx.session() as s, s.begin():
+            copy = s.get(PhysicalCopy, copy_id, with_for_update=True)
+            if copy is None or copy.status != PhysicalCopyStatus.DELETION_SCHEDULED:
+                continue
+            v = deletion.verdict(s, copy)
+            if not v.allowed:
+                copy.status = PhysicalCopyStatus.PRESENT
+                copy.failure_reason = f"deletion refused at run time: {v.reason}"[:1990]
+                refused += 1
+                continue
+            copy.status = PhysicalCopyStatus.DELETION_IN_PROGRESS
+            loc = _ref(copy.data_location)
+            rel = copy.relative_path or _item_path(s, copy)
+        try:
+            target = loc.path(rel) if loc.storage_type == "disk" and not loc.is_remote else None
+            if target is not None and target.is_dir():
+                _remove_tree(loc, rel)  # a staged (unpacked) package
+            else:
+                ctx.mover_factory(loc, loc, None).delete(loc, rel)
+        except Exception as exc:
+            with ctx.session() as s, s.begin():
+                c = s.get(PhysicalCopy, copy_id)
+                assert c is not None
+                c.status = PhysicalCopyStatus.DELETION_FAILED
+                c.retry_count = (c.retry_count or 0) + 1
+                c.failure_reason = state.describe_error(exc)
+                c.last_failure_at = now()
+                c.next_attempt_at = now() + dt.timedelta(
+                    seconds=state.backoff_s(ctx.settings, c.retry_count)
+                )
+            failed += 1
+            reasons.append(state.describe_error(exc))
+            TASK_METRICS.failed("deletion", type(exc).__name__)
+            continue
+        with ctx.session() as s, s.begin():
+            c = s.get(PhysicalCopy, copy_id)
+            assert c is not None
+            c.status = PhysicalCopyStatus.DELETED
+            c.deleted_at = now()
+            c.failure_reason = None
+            if c.copy_type == CopyType.RAW_DATA_PACKAGE and c.raw_data_package_id is not None:
+                _files_deletion_possible(s, c)
+        deleted += 1
+        TASK_METRICS.done("deletion", 0.0)
+    detail = f"deleted {deleted}, refused {refused}, failed {failed}"
+    if reasons:
+        detail += ": " + "; ".join(reasons[:3])
+    return Outcome(
+        "deletion", ",".join(map(str, copy_ids[:5])), "done" if not failed else "retry", detail
+    )
+
+
+def _files_deletion_possible(s: Session, c: PhysicalCopy) -> None:
+    """Staged file copies whose package copy was deleted are gone with it."""
+    if c.relative_path and c.relative_path.startswith("staging/"):
+        for fc in s.scalars(
+            select(RawDataFilePhysicalCopy)
+            .join(RawDataFile, RawDataFile.id == RawDataFilePhysicalCopy.raw_data_file_id)
+            .where(
+                RawDataFile.raw_data_package_id == c.raw_data_package_id,
+                RawDataFilePhysicalCopy.data_location_id == c.data_location_id,
+                RawDataFilePhysicalCopy.status == PhysicalCopyStatus.STAGED,
+            )
+        ):
+            fc.status = PhysicalCopyStatus.DELETED
+            fc.deleted_at = now()
+
+
+def _remove_tree(loc: LocationRef, rel: str) -> None:
+    import shutil
+
+    target = loc.path(rel)
+    if target.is_dir():
+        shutil.rmtree(target)
+
+
+def _item_path(s: Session, copy: PhysicalCopy) -> str:
+    if copy.copy_type == CopyType.RAW_DATA_FILE:
+        return s.get(RawDataFile, copy.raw_data_file_id).relative_path  # type: ignore[union-attr]
+    if copy.copy_type == CopyType.RAW_DATA_PACKAGE:
+        return s.get(RawDataPackage, copy.raw_data_package_id).relative_path  # type: ignore[union-attr]
+    return s.get(DataTransferPackage, copy.data_transfer_package_id).relative_path  # type: ignore[union-attr]
+
+
+# --- beyond the real system: fixity audit -------------------------------------------------
+
+
+def fixity(ctx: Context, copy_id: int) -> Outcome:
+    """Re-read an archived copy; on a mismatch or loss, repair it from a good copy."""
+    with ctx.session() as s:
+        copy = s.get(PhysicalCopy, copy_id)
+        if copy is None or copy.status != PhysicalCopyStatus.PRESENT:
+            return Outcome("fixity", str(copy_id), "skipped", "copy not present")
+        pkg = s.get(RawDataPackage, copy.raw_data_package_id)
+        assert pkg is not None
+        loc = _ref(copy.data_location)
+        path = copy.relative_path or pkg.relative_path
+        expected, algorithm = pkg.checksum, str(pkg.checksum_algorithm)
+        others = [
+            (_ref(c.data_location), c.relative_path or pkg.relative_path)
+            for c in s.scalars(
+                select(PhysicalCopy).where(
+                    PhysicalCopy.raw_data_package_id == pkg.id,
+                    PhysicalCopy.id != copy_id,
+                    PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                    PhysicalCopy.checksum == pkg.checksum,
+                    PhysicalCopy.checksum_verified_at.is_not(None),
+                )
+            )
+        ]
+    mover = ctx.mover_factory(loc, loc, None)
+    try:
+        actual = mover.checksum(loc, path, algorithm=algorithm)
+        problem = (
+            None
+            if actual == expected
+            else ChecksumMismatchError(path, expected or "", actual, algorithm)
+        )
+    except TransferSystemError as exc:
+        problem = exc
+    if problem is None:
+        with ctx.session() as s, s.begin():
+            c = s.get(PhysicalCopy, copy_id)
+            assert c is not None
+            c.checksum_verified_at = now()
+        TASK_METRICS.done("fixity", 0.0)
+        return Outcome("fixity", str(copy_id), "done", "checksum matches")
+    TASK_METRICS.failed("fixity", type(problem).__name__)
+    repaired_from = None
+    for other_loc, other_path in others:
+        try:
+            repair_copy(ctx, other_loc, other_path, loc, path, expected, algorithm)
+            repaired_from = other_loc.label
+            break
+        except Exception as exc:  # try the next good copy
+            log.warning("repair of %s from %s failed: %s", path, other_loc.label, exc)
+    with ctx.session() as s, s.begin():
+        c = s.get(PhysicalCopy, copy_id)
+        assert c is not None
+        if repaired_from:
+            c.checksum_verified_at = now()
+            c.failure_reason = (
+                f"repaired from {repaired_from} after {state.describe_error(problem)}"[:1990]
+            )
+        else:
+            c.checksum_verified_at = None
+            c.failure_reason = (
+                f"bad copy, no good copy to repair from: {state.describe_error(problem)}"[:1990]
+            )
+            c.last_failure_at = now()
+    return Outcome(
+        "fixity",
+        str(copy_id),
+        "done" if repaired_from else "failed",
+        f"repaired from {repaired_from}" if repaired_from else state.describe_error(problem),
+    )
+
+
+def repair_copy(
+    ctx: Context,
+    good: LocationRef,
+    good_path: str,
+    bad: LocationRef,
+    bad_path: str,
+    expected: str | None,
+    algorithm: str,
+) -> None:
+    """Overwrite a bad copy with a good one (through a local scratch file when both ends are
+    object stores), verifying the checksum on the way."""
+    if good.storage_type == "s3" and bad.storage_type == "s3":
+        scratch_root = Path(ctx.settings.log_dir).resolve().parent / "scratch"
+        scratch_root.mkdir(parents=True, exist_ok=True)
+        scratch = LocationRef(
+            id=0,
+            site="local",
+            name="scratch",
+            location_type="buffer",
+            storage_type="disk",
+            root_path=str(scratch_root),
+        )
+        tmp = f"repair-{uuid.uuid4().hex}.tar"
+        try:
+            ctx.mover_factory(good, scratch, None).copy(
+                good, good_path, scratch, tmp, algorithm=algorithm, expected_checksum=expected
+            )
+            ctx.mover_factory(scratch, bad, None).copy(
+                scratch, tmp, bad, bad_path, algorithm=algorithm, expected_checksum=expected
+            )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch_root / tmp)
+        return
+    mover = ctx.mover_factory(good, bad, None)
+    if bad.storage_type == "disk":
+        mover.delete(bad, bad_path)
+    mover.copy(good, good_path, bad, bad_path, algorithm=algorithm, expected_checksum=expected)
+
+
+OPERATIONS: dict[str, Callable[[Context, Any], Outcome]] = {
+    "raw_data_package": create_raw_data_package,
+    "data_transfer_package": create_data_transfer_package,
+    "data_transfer": transfer,
+    "unpack": unpack,
+    "long_term_archive_transfer": archive,
+    "staging_job": stage,
+    "deletion": delete_copies,
+    "fixity": fixity,
+}
+
+__all__ = [
+    "OPERATIONS",
+    "Context",
+    "DeletionRefusedError",
+    "Outcome",
+    "RouteType",
+]

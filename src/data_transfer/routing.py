@@ -1,0 +1,231 @@
+"""Where packages go: primary buffers, round-robin archive choice, relay legs, secondaries.
+
+Decisions (the public docs name the functions, not their rules):
+
+* The *primary buffer* of a site is its active BUFFER with the lowest ``priority``.
+* A transfer package leaves its site once, to one archive site chosen round-robin among the
+  sites that have an active LONG_TERM_ARCHIVE and an active route from the origin site. The
+  round-robin state is the database itself: the site that has received the fewest primary
+  transfers from this origin is next (ties by name), so it survives restarts and needs no
+  counter.
+* A RELAY route is travelled in legs: the first leg ends at the relay site's primary buffer;
+  when it completes, the next leg (relay → destination) is created. A relay site that has an
+  archive of its own also unpacks and archives what passes through it.
+* Once a package is unpacked at an archive site, *secondary* transfers replicate it from there
+  to every other archive site that has not received it, over the active route between them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ccat_ops_db.enums import LocationType, RouteType, Status
+from ccat_ops_db.models import (
+    DataLocation,
+    DataTransfer,
+    DataTransferPackage,
+    DataTransferRoute,
+    Site,
+)
+
+from .errors import ConfigurationError
+
+
+def primary_buffer(session: Session, site_id: int) -> DataLocation:
+    """The site's active BUFFER with the lowest priority (ConfigurationError if none)."""
+    loc = session.scalar(
+        select(DataLocation)
+        .where(
+            DataLocation.site_id == site_id,
+            DataLocation.location_type == LocationType.BUFFER,
+            DataLocation.active.is_(True),
+        )
+        .order_by(DataLocation.priority, DataLocation.id)
+        .limit(1)
+    )
+    if loc is None:
+        site = session.get(Site, site_id)
+        raise ConfigurationError(
+            f"site {site.short_name if site else site_id} has no active BUFFER location"
+        )
+    return loc
+
+
+def archive_site_ids(session: Session) -> set[int]:
+    """Sites with at least one active LONG_TERM_ARCHIVE location."""
+    return set(
+        session.scalars(
+            select(DataLocation.site_id).where(
+                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+                DataLocation.active.is_(True),
+            )
+        )
+    )
+
+
+def find_route(
+    session: Session, origin_site_id: int, dest_site_id: int
+) -> DataTransferRoute | None:
+    """The active route between two sites (a CUSTOM override first, then DIRECT, then RELAY)."""
+    routes = list(
+        session.scalars(
+            select(DataTransferRoute).where(
+                DataTransferRoute.origin_site_id == origin_site_id,
+                DataTransferRoute.destination_site_id == dest_site_id,
+                DataTransferRoute.active.is_(True),
+            )
+        )
+    )
+    order = {RouteType.CUSTOM: 0, RouteType.DIRECT: 1, RouteType.RELAY: 2}
+    routes.sort(key=lambda r: (order.get(RouteType(r.route_type), 9), r.id))
+    return routes[0] if routes else None
+
+
+def choose_primary_route(session: Session, origin_site_id: int) -> DataTransferRoute:
+    """Round-robin over the archive sites reachable from ``origin_site_id``."""
+    candidates: list[tuple[int, str, DataTransferRoute]] = []
+    for site_id in sorted(archive_site_ids(session) - {origin_site_id}):
+        route = find_route(session, origin_site_id, site_id)
+        if route is None:
+            continue
+        sent = session.scalar(
+            select(func.count())
+            .select_from(DataTransfer)
+            .join(DataTransferRoute, DataTransferRoute.id == DataTransfer.route_id)
+            .join(DataLocation, DataLocation.id == DataTransfer.origin_location_id)
+            .where(
+                DataTransfer.is_secondary.is_(False),
+                DataLocation.site_id == origin_site_id,
+                DataTransferRoute.destination_site_id == site_id,
+                DataTransfer.origin_location_id.in_(
+                    select(DataLocation.id).where(DataLocation.site_id == origin_site_id)
+                ),
+            )
+        )
+        site = session.get(Site, site_id)
+        assert site is not None
+        # Count packages, not legs: the first leg of a relay route carries the count.
+        candidates.append((int(sent or 0), site.short_name, route))
+    if not candidates:
+        origin = session.get(Site, origin_site_id)
+        raise ConfigurationError(
+            f"no active route from site {origin.short_name if origin else origin_site_id} "
+            "to any site with a long-term archive"
+        )
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    return candidates[0][2]
+
+
+def _hop_target(session: Session, route: DataTransferRoute, from_site_id: int) -> int:
+    """The site the next leg of ``route`` ends at, starting from ``from_site_id``."""
+    if RouteType(route.route_type) == RouteType.RELAY and from_site_id == route.origin_site_id:
+        assert route.relay_site_id is not None
+        return route.relay_site_id
+    return route.destination_site_id
+
+
+def _new_leg(
+    session: Session,
+    dtp: DataTransferPackage,
+    route: DataTransferRoute,
+    origin: DataLocation,
+    *,
+    secondary: bool,
+) -> DataTransfer | None:
+    target_site = _hop_target(session, route, origin.site_id)
+    if RouteType(route.route_type) == RouteType.CUSTOM and route.destination_location_id:
+        dest = session.get(DataLocation, route.destination_location_id)
+        assert dest is not None
+    else:
+        dest = primary_buffer(session, target_site)
+    exists = session.scalar(
+        select(DataTransfer.id).where(
+            DataTransfer.data_transfer_package_id == dtp.id,
+            DataTransfer.destination_location_id == dest.id,
+        )
+    )
+    if exists is not None:
+        return None
+    method = route.method
+    if target_site != route.destination_site_id or origin.site_id != route.origin_site_id:
+        # a relay leg: use the direct route of this hop when there is one
+        hop = find_route(session, origin.site_id, target_site)
+        if hop is not None and RouteType(hop.route_type) != RouteType.RELAY:
+            method = hop.method
+    leg = DataTransfer(
+        data_transfer_package_id=dtp.id,
+        route_id=route.id,
+        origin_location_id=origin.id,
+        destination_location_id=dest.id,
+        method=method,
+        is_secondary=secondary,
+        status=Status.PENDING,
+        unpack_status=Status.PENDING,
+    )
+    if target_site not in archive_site_ids(session):
+        # a pure relay hop: nothing is unpacked there
+        leg.unpack_status = Status.COMPLETED
+    session.add(leg)
+    session.flush()
+    return leg
+
+
+def create_primary_transfer(session: Session, dtp: DataTransferPackage) -> DataTransfer | None:
+    """The one transfer that takes ``dtp`` off its site (None if it already exists)."""
+    existing = session.scalar(
+        select(DataTransfer.id).where(
+            DataTransfer.data_transfer_package_id == dtp.id,
+            DataTransfer.origin_location_id == dtp.origin_location_id,
+            DataTransfer.is_secondary.is_(False),
+        )
+    )
+    if existing is not None:
+        return None
+    origin = session.get(DataLocation, dtp.origin_location_id)
+    assert origin is not None
+    route = choose_primary_route(session, origin.site_id)
+    if RouteType(route.route_type) == RouteType.CUSTOM and route.origin_location_id:
+        origin = session.get(DataLocation, route.origin_location_id) or origin
+    return _new_leg(session, dtp, route, origin, secondary=False)
+
+
+def next_relay_leg(session: Session, t: DataTransfer) -> DataTransfer | None:
+    """After a relay leg completes, the next leg toward the route's destination."""
+    route = t.route
+    if route is None or RouteType(route.route_type) != RouteType.RELAY:
+        return None
+    here = session.get(DataLocation, t.destination_location_id)
+    assert here is not None
+    if here.site_id == route.destination_site_id:
+        return None
+    return _new_leg(session, t.data_transfer_package, route, here, secondary=t.is_secondary)
+
+
+def create_secondary_transfers(session: Session, t: DataTransfer) -> list[DataTransfer]:
+    """After unpacking at an archive site, replicate to every archive site still without it."""
+    here = session.get(DataLocation, t.destination_location_id)
+    assert here is not None
+    archives = archive_site_ids(session)
+    if here.site_id not in archives:
+        return []
+    dtp = t.data_transfer_package
+    reached = set(
+        session.scalars(
+            select(DataLocation.site_id)
+            .join(DataTransfer, DataTransfer.destination_location_id == DataLocation.id)
+            .where(DataTransfer.data_transfer_package_id == dtp.id)
+        )
+    )
+    origin_site = session.scalar(
+        select(DataLocation.site_id).where(DataLocation.id == dtp.origin_location_id)
+    )
+    out = []
+    for site_id in sorted(archives - reached - {here.site_id, origin_site}):
+        route = find_route(session, here.site_id, site_id)
+        if route is None:
+            continue
+        leg = _new_leg(session, dtp, route, here, secondary=True)
+        if leg is not None:
+            out.append(leg)
+    return out

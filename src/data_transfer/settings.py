@@ -1,0 +1,86 @@
+"""Settings of the transfer system, read from ``CCAT_TRANSFER_*`` environment variables.
+
+The database comes from the ops-db settings (``CCAT_OPS_DB_*``), so every process of the data
+center points at the same database with the same variables. Sizes follow the real system:
+raw data packages up to 50 GB; transfer packages filled to a size target (10 TB, the low end
+of the 10-50 TB range that suits the long haul) or sent when the oldest package has waited
+``transfer_package_max_wait_s``, whichever comes first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
+
+ENV_PREFIX = "CCAT_TRANSFER_"
+
+GB = 1000**3
+TB = 1000**4
+
+
+class TransferSettings(BaseSettings):
+    """All knobs of managers and workers (environment: ``CCAT_TRANSFER_<NAME>``)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    # --- broker -------------------------------------------------------------------------
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker (Redis) URL; may hold a password"
+    )
+    result_backend: str | None = Field(None, description="Celery result backend (default: none)")
+    # Redis for heartbeats and health keys; defaults to the broker.
+    redis_url: str | None = None
+    # Seconds a task may stay unacknowledged before Redis re-delivers it (acks late).
+    visibility_timeout_s: int = Field(12 * 3600, ge=60)
+
+    # --- packaging ----------------------------------------------------------------------
+    raw_package_max_bytes: int = Field(50 * GB, ge=1)
+    # Package an executed obs unit's files once it has finished, or once no file was filed
+    # for it for this long (an obs unit whose "finish" call never came).
+    raw_package_idle_s: float = Field(1800.0, ge=0)
+    transfer_package_target_bytes: int = Field(10 * TB, ge=1)
+    transfer_package_max_wait_s: float = Field(6 * 3600.0, ge=0)
+    checksum_algorithm: str = "sha256"
+
+    # --- retries and recovery -----------------------------------------------------------
+    max_retries: int = Field(3, ge=0, description="attempts after the first before FAILED")
+    retry_backoff_s: float = Field(60.0, ge=0, description="first back-off; doubles each time")
+    retry_backoff_max_s: float = Field(3600.0, ge=0)
+    heartbeat_interval_s: float = Field(30.0, gt=0)
+    # An IN_PROGRESS record whose task heartbeat is older than this is reset by the sweeper.
+    stale_after_s: float = Field(300.0, gt=0)
+    # A SCHEDULED record whose task never started within this time is re-submitted.
+    scheduled_timeout_s: float = Field(6 * 3600.0, gt=0)
+
+    # --- managers -----------------------------------------------------------------------
+    manager_sleep_s: float = Field(30.0, ge=0)
+    batch_size: int = Field(500, ge=1, description="items a manager handles per pass and kind")
+    # Fixity audit: re-verify at most this many archived bytes per pass.
+    fixity_bytes_per_pass: int = Field(100 * GB, ge=0)
+    fixity_interval_days: float = Field(90.0, gt=0)
+
+    # --- local state --------------------------------------------------------------------
+    log_dir: Path = Field(Path("transfer-logs"), description="full command outputs go here")
+    metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
+    metrics_host: str = "127.0.0.1"
+
+    @property
+    def heartbeat_redis_url(self) -> str:
+        """The Redis that holds task heartbeats and service health keys."""
+        return self.redis_url or self.broker_url
+
+
+def load_transfer_settings(**overrides: object) -> TransferSettings:
+    """Read the settings; a bad value raises ConfigurationError naming the variable."""
+    try:
+        return TransferSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
+            lines.append(f"{name}: {err['msg']}")
+        raise ConfigurationError("invalid transfer settings: " + "; ".join(lines)) from exc
