@@ -890,16 +890,14 @@ def repair_copy(
             ctx.mover_factory(good, scratch, None).copy(
                 good, good_path, scratch, tmp, algorithm=algorithm, expected_checksum=expected
             )
-            ctx.mover_factory(scratch, bad, None).copy(
+            ctx.mover_factory(scratch, bad, None, options={"overwrite": True}).copy(
                 scratch, tmp, bad, bad_path, algorithm=algorithm, expected_checksum=expected
             )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(scratch_root / tmp)
         return
-    mover = ctx.mover_factory(good, bad, None)
-    if bad.storage_type == "disk":
-        mover.delete(bad, bad_path)
+    mover = ctx.mover_factory(good, bad, None, options={"overwrite": True})
     mover.copy(good, good_path, bad, bad_path, algorithm=algorithm, expected_checksum=expected)
 
 

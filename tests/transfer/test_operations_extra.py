@@ -1,0 +1,180 @@
+"""Fixity audit and repair, queue discovery, the CLI, metrics, and the deletion verdicts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_ops_db import models as m
+from ccat_ops_db.enums import LocationType, PhysicalCopyStatus
+from data_transfer import deletion
+from data_transfer.errors import ConfigurationError
+from data_transfer.inline import QueueDispatcher
+from data_transfer.managers import run_pass
+from data_transfer.metrics import PipelineCollector
+from data_transfer.operations import Context
+from data_transfer.queues import discover_queues
+from tests.transfer.stack import Stack, make_stack, transfer_settings
+from tests.transfer.test_pipeline import check_archive_bytes, run_until_quiet
+
+
+@pytest.fixture
+def stack(pg_url: str, tmp_path: Path, s3_server) -> Iterator[Stack]:
+    st = make_stack(pg_url, tmp_path, s3_server, None)
+    yield st
+    st.engine.dispose()
+
+
+def test_fixity_audit_finds_a_corrupted_archive_copy_and_repairs_it(stack: Stack) -> None:
+    stack.file_observation(files=3, seed=21, sizes=(10_000, 40_000))
+    ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root))
+    run_until_quiet(ctx)
+    with Session(stack.engine) as s:
+        pkg = s.scalars(select(m.RawDataPackage)).one()
+        lta = s.scalar(select(m.S3DataLocation).join(m.Site).where(m.Site.short_name == "cologne"))
+        key = lta.key_prefix + pkg.relative_path
+        bucket = lta.bucket
+    client = stack.s3.client()
+    original = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    bad = bytearray(original)
+    bad[len(bad) // 3] ^= 0x01  # bit rot in the archive
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(bad))
+    # every archived copy is due for a check now
+    audit = Context(
+        engine=stack.engine, settings=transfer_settings(stack.root, fixity_interval_days=1e-9)
+    )
+    d = QueueDispatcher()
+    report = run_pass("fixity", audit.engine, audit.settings, d)
+    assert report.scheduled == 2  # both archives' copies
+    outcomes = d.drain(audit)
+    details = sorted(o.detail for o in outcomes)
+    assert any(dd.startswith("repaired from us/lta") for dd in details), details
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == original
+    with Session(stack.engine) as s:
+        copy = s.scalar(
+            select(m.PhysicalCopy).where(
+                m.PhysicalCopy.raw_data_package_id == pkg.id,
+                m.PhysicalCopy.data_location_id == lta.id,
+            )
+        )
+        assert copy.checksum_verified_at is not None
+        assert "ChecksumMismatchError" in copy.failure_reason
+    assert check_archive_bytes(stack) == 2 * 3
+
+
+def test_deletion_verdicts_name_the_rule(stack: Stack) -> None:
+    stack.file_observation(files=2, seed=22)
+    ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root))
+    d = QueueDispatcher()
+    run_pass("raw_data_packages", ctx.engine, ctx.settings, d)
+    d.drain(ctx)
+    with Session(stack.engine) as s:
+        source_copy = s.scalars(
+            select(m.PhysicalCopy)
+            .join(m.DataLocation)
+            .where(m.DataLocation.location_type == LocationType.SOURCE)
+        ).first()
+        v = deletion.verdict(s, source_copy)
+        assert not v.allowed and "not yet ARCHIVED" in v.reason
+        lta = s.scalar(select(m.DataLocation).where(m.DataLocation.name == "lta"))
+        fake = m.RawDataPackagePhysicalCopy(
+            raw_data_package_id=source_copy.raw_data_file.raw_data_package_id,
+            data_location_id=lta.id,
+            status=PhysicalCopyStatus.PRESENT,
+        )
+        s.add(fake)
+        s.flush()
+        assert "never deleted" in deletion.verdict(s, fake).reason
+        s.rollback()
+
+
+def test_queue_discovery_follows_the_database(stack: Stack) -> None:
+    with Session(stack.engine) as s:
+        names = [q.name for q in discover_queues(s, site="ccat", locations=["buffer"])]
+        assert names == [
+            "ccat_buffer_data_transfer_package_creation",
+            "ccat_buffer_data_transfer",
+            "ccat_buffer_data_transfer_unpacking",
+            "ccat_buffer_deletion",
+        ]
+        all_names = {q.name for q in discover_queues(s)}
+        assert "cologne_lta_long_term_archive_transfer" in all_names
+        assert "cologne_ramses_staging" in all_names
+        assert "ccat_primecam_raw_data_raw_data_package_creation" in all_names
+        with pytest.raises(ConfigurationError, match="unknown site 'mars'"):
+            discover_queues(s, site="mars")
+        with pytest.raises(ConfigurationError, match="nowhere"):
+            discover_queues(s, site="ccat", locations=["nowhere"])
+        # a new location needs no code: its queues appear
+        site = s.scalar(select(m.Site).where(m.Site.short_name == "us"))
+        s.add(
+            m.DiskDataLocation(
+                site=site,
+                name="scratch",
+                location_type=LocationType.PROCESSING,
+                storage_type="disk",
+                root_path="/tmp/x",
+            )
+        )
+        s.flush()
+        assert "us_scratch_staging" in {q.name for q in discover_queues(s, site="us")}
+        s.rollback()
+
+
+def test_cli_queues_status_and_run_once(stack: Stack) -> None:
+    env = dict(stack.env, COLUMNS="200")
+    cli = [sys.executable, "-m", "data_transfer.cli"]
+    out = subprocess.run(
+        [*cli, "queues", "--site", "cologne", "--plain"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "cologne_buffer_data_transfer" in out.stdout.split()
+    bad = subprocess.run(
+        [*cli, "queues", "--site", "mars"], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "unknown site 'mars'" in bad.stderr
+    bad = subprocess.run(
+        [*cli, "manager", "nope", "--once"], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "unknown manager 'nope'" in bad.stderr
+    stack.file_observation(files=2, seed=23)
+    env.update(
+        {"CCAT_TRANSFER_RAW_PACKAGE_IDLE_S": "0", "CCAT_TRANSFER_TRANSFER_PACKAGE_MAX_WAIT_S": "0"}
+    )
+    for _ in range(6):
+        run = subprocess.run(
+            [*cli, "run-once", "--inline"], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+    assert "raw_data_packages" in run.stdout
+    status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    assert "long_term_archive_transfer" in status.stdout
+    with Session(stack.engine) as s:
+        assert {str(p.state) for p in s.scalars(select(m.RawDataPackage))} == {"archived"}
+
+
+def test_pipeline_metrics_show_backlog_and_failures(stack: Stack) -> None:
+    stack.file_observation(files=2, seed=24)
+    ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root))
+    d = QueueDispatcher()
+    run_pass("raw_data_packages", ctx.engine, ctx.settings, d)  # scheduled, not run
+    with Session(stack.engine) as s:
+        pkg = s.scalars(select(m.RawDataPackage)).one()
+        pkg.status = "failed"
+        pkg.failure_reason = "PackageError: a file changed size since filing"
+        s.commit()
+    registry = CollectorRegistry()
+    registry.register(PipelineCollector(stack.engine))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert 'ccat_transfer_records{stage="raw_data_package",status="failed"} 1.0' in text
+    assert (
+        'ccat_transfer_failed_records{reason="PackageError",stage="raw_data_package"} 1.0' in text
+    )
