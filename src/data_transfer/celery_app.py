@@ -55,7 +55,42 @@ def make_celery(settings: TransferSettings | None = None) -> Celery:
         enable_utc=True,
     )
     _register(app, settings)
+    _announce_workers(settings)
     return app
+
+
+def _announce_workers(settings: TransferSettings) -> None:
+    """While a worker runs, keep ``health:data_transfer:worker_<name>`` alive in Redis
+    (TTL 90 s, refreshed every 30 s), as every service of the real system does."""
+    from celery.signals import worker_ready, worker_shutdown
+
+    from .heartbeat import SERVICE_PREFIX, RedisHeartbeats
+
+    stop = threading.Event()
+
+    @worker_ready.connect(weak=False)
+    def _ready(sender: Any = None, **_: Any) -> None:
+        key = f"{SERVICE_PREFIX}worker_{getattr(sender, 'hostname', 'unknown')}"
+        hb = RedisHeartbeats(settings.heartbeat_redis_url)
+
+        def loop() -> None:
+            while True:
+                try:
+                    hb.beat(key, 90)
+                except Exception:  # Redis away: the key expires and the worker shows dead
+                    log.warning("could not refresh %s", key)
+                if stop.wait(30):
+                    break
+            try:
+                hb.clear(key)
+            except Exception:
+                log.debug("could not clear %s", key)
+
+        threading.Thread(target=loop, name="health", daemon=True).start()
+
+    @worker_shutdown.connect(weak=False)
+    def _shutdown(**_: Any) -> None:
+        stop.set()
 
 
 _ctx_lock = threading.Lock()

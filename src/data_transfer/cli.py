@@ -225,6 +225,33 @@ def status() -> None:
         console.print(t2)
 
 
+@app.command()
+def health(
+    expect: Annotated[
+        list[str] | None, typer.Option(help="service names that must be alive (exit 1 if not)")
+    ] = None,
+) -> None:
+    """Live services (managers and workers) from their Redis health keys."""
+    from .heartbeat import SERVICE_PREFIX, RedisHeartbeats
+
+    try:
+        settings = load_transfer_settings()
+        alive = [
+            k.removeprefix(SERVICE_PREFIX)
+            for k in RedisHeartbeats(settings.heartbeat_redis_url).keys(SERVICE_PREFIX)
+        ]
+    except Exception as exc:  # Redis unreachable is the answer here, not a crash
+        _fail(ConfigurationError(f"cannot read health keys: {type(exc).__name__}: {exc}"))
+        return
+    for name in alive:
+        console.print(f"alive  {name}", highlight=False)
+    missing = [n for n in (expect or []) if not any(a.startswith(n) for a in alive)]
+    for name in missing:
+        console.print(f"[red]dead[/red]   {name}", highlight=False)
+    if missing:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +102,16 @@ def test_celery_workers_move_files_to_archives_stage_and_clean_up(celery_stack: 
             return lta == 4 and live_upstream == 0
 
     drive(st, all_archived_and_cleaned)
+    health = subprocess.run(
+        [
+            *(sys.executable, "-m", "data_transfer.cli", "health"),
+            *("--expect", "worker_ccat", "--expect", "worker_cologne", "--expect", "worker_us"),
+        ],
+        env=st.env,
+        capture_output=True,
+        text=True,
+    )
+    assert health.returncode == 0, health.stdout + health.stderr
     assert check_archive_bytes(st) == 2 * 11  # every file, in both archives
     with Session(st.engine) as s:
         # deletion happened only after archiving, for every upstream copy
