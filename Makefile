@@ -4,11 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_DIR ?= .ccat-demo
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: help install demo test lint format clean
 
 help:
-	@echo "make demo    - local operations database on SQLite: migrate, seed, show the topology"
+	@echo "make demo    - the whole data center on this machine: a simulated instrument files data,"
+	@echo "               the pipeline archives, stages and cleans up (DEMO_ARGS=\"--files 50\")"
 	@echo "make test    - lint + the test suite (starts its own PostgreSQL from a wheel)"
 	@echo "make lint    - ruff check + ruff format --check"
 	@echo "make format  - ruff format + ruff check --fix"
@@ -29,10 +31,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	@mkdir -p $(DEMO_DIR)
-	CCAT_OPS_DB_URL=sqlite:///$(abspath $(DEMO_DIR))/ops_db.sqlite $(BIN)/ccat-ops-db init
-	CCAT_OPS_DB_URL=sqlite:///$(abspath $(DEMO_DIR))/ops_db.sqlite $(BIN)/ccat-ops-db check
-	CCAT_OPS_DB_URL=sqlite:///$(abspath $(DEMO_DIR))/ops_db.sqlite $(BIN)/ccat-ops-db show
+	$(BIN)/ccat-dc demo --home $(DEMO_DIR) $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -124,12 +124,14 @@ def worker(
 
 @app.command()
 def manager(
-    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(MANAGERS)}")],
+    name: Annotated[
+        str, typer.Argument(help=f"one of: {', '.join(MANAGERS)}, or all (one process)")
+    ],
     once: Annotated[bool, typer.Option("--once", help="one pass, then exit")] = False,
     loglevel: Annotated[str, typer.Option()] = "INFO",
 ) -> None:
     """Run one stage's manager as a loop (or one pass with --once)."""
-    if name not in MANAGERS:
+    if name not in MANAGERS and name != "all":
         _fail(ConfigurationError(f"unknown manager {name!r} (known: {', '.join(MANAGERS)})"))
     _logging(loglevel)
     try:

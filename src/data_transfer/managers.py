@@ -682,7 +682,15 @@ def run_pass(
     dispatcher: Dispatcher,
     heartbeats: Heartbeats | None = None,
 ) -> PassReport:
-    """One pass of manager ``name``."""
+    """One pass of manager ``name`` (``all``: every manager once, in pipeline order)."""
+    if name == "all":
+        total = PassReport("all")
+        for each in MANAGERS:
+            r = run_pass(each, engine, settings, dispatcher, heartbeats)
+            total.created += r.created
+            total.scheduled += r.scheduled
+            total.notes.extend(f"{each}: {n}" for n in r.notes[:2])
+        return total
     fn = MANAGERS[name]
     if name == "recovery":
         return recovery(engine, settings, dispatcher, heartbeats)

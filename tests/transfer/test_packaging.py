@@ -689,12 +689,15 @@ def test_extract_and_verify_from_an_unseekable_stream(tmp_path: Path) -> None:
     data = tp_path.read_bytes()
     result = verify_package(_Unseekable(data), expected_checksum=tp.checksum, nested=True)  # type: ignore[arg-type]
     assert result.source == "<stream>"
+    progress: list[int] = []
     out = extract_package(
         _Unseekable(data),  # type: ignore[arg-type]
         tmp_path / "o",
         expected_checksum=tp.checksum,
         nested=True,
+        progress=progress.append,
     )
+    assert progress[-1] == len(data)
     assert (tmp_path / "o" / "raw2.tar").read_bytes() == (
         tmp_path / "buffer" / "raw2.tar"
     ).read_bytes()
