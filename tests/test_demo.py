@@ -80,3 +80,123 @@ def test_demo_with_50_files_archives_stages_and_cleans_up(tmp_path: Path) -> Non
     assert files == []  # SOURCE and telescope buffer emptied by the deletion rules
     archived = [p for p in (home / "sites" / "cologne" / "lta").rglob("*.tar") if p.is_file()]
     assert len(archived) == packages
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCAT_")}
+    env["COLUMNS"] = "160"
+    return env
+
+
+def _children_alive(home: Path) -> list[int]:
+    import json
+    import os
+
+    info = json.loads((home / "stack.json").read_text())
+    alive = []
+    for pid in info["children"].values():
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_up_status_down_keep_and_stop_the_stack(tmp_path: Path) -> None:
+    import json
+    import time
+
+    import httpx
+
+    home = tmp_path / "dc"
+    cli = [sys.executable, "-m", "ccat_dc.cli"]
+    up = subprocess.Popen(
+        [*cli, "up", "--home", str(home)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(home / "stack.json", up)
+        info = json.loads((home / "stack.json").read_text())
+        assert httpx.get(info["api_url"] + "/readyz", timeout=5).status_code == 200
+        assert httpx.get(info["api_url"] + "/docs", timeout=5).status_code == 200
+        children = _children_alive(home)
+        assert len(children) == 5  # api, three site workers, managers
+        status = subprocess.run(
+            [*cli, "status", "--home", str(home)], env=_env(), capture_output=True, text=True
+        )
+        assert status.returncode == 0, status.stderr
+        assert "raw_data_package" in status.stdout
+        down = subprocess.run(
+            [*cli, "down", "--home", str(home)], env=_env(), capture_output=True, text=True
+        )
+        assert down.returncode == 0, down.stderr
+        up.wait(60)
+        assert up.returncode == 0
+        assert not (home / "stack.json").exists()
+        time.sleep(0.5)
+        import os
+
+        for pid in children:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            raise AssertionError(f"process {pid} still runs after down")
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_ctrl_c_stops_every_process_and_a_second_run_resumes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    home = tmp_path / "dc"
+    cli = [sys.executable, "-m", "ccat_dc.cli"]
+    demo = subprocess.Popen(
+        [*cli, "demo", "--home", str(home), "--files", "400", "--size", "200"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait_for(home / "stack.json", demo)
+    children = _children_alive(home)
+    time.sleep(2)  # mid-run: the instrument is filing, workers are packaging
+    demo.send_signal(signal.SIGINT)
+    out, _ = demo.communicate(timeout=90)
+    assert demo.returncode == 130, out
+    assert "stopping every process" in out
+    import os
+
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"process {pid} still runs after Ctrl-C")
+    # the second run resumes on the same folder (database and archives kept) and finishes
+    again = subprocess.run(
+        [*cli, "demo", "--home", str(home), "--files", "20", "--size", "5", "--timeout", "240"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]

@@ -139,8 +139,8 @@ def stage_counts(engine: Engine, observations: list[uuid.UUID]) -> dict[str, int
         }
 
 
-def site_lines(engine: Engine) -> list[str]:
-    """Live bytes per site (package copies and files at SOURCE)."""
+def site_lines(engine: Engine) -> dict[str, str]:
+    """Live bytes per site and location type (package copies, and files at SOURCE)."""
     with Session(engine) as s:
         rows = s.execute(
             select(m.Site.short_name, m.DataLocation.location_type, func.sum(m.PhysicalCopy.size))
@@ -154,7 +154,7 @@ def site_lines(engine: Engine) -> list[str]:
     per: dict[str, list[str]] = {}
     for site, ltype, size in rows:
         per.setdefault(site, []).append(f"{ltype} {int(size or 0) / 1e6:,.1f} MB")
-    return [f"{site}: {', '.join(parts)}" for site, parts in sorted(per.items())]
+    return {site: ", ".join(parts) for site, parts in sorted(per.items())}
 
 
 def run_demo(home: Path, opts: DemoOptions, console: Console, dc: LocalDataCenter) -> DemoResult:
@@ -177,7 +177,7 @@ def run_demo(home: Path, opts: DemoOptions, console: Console, dc: LocalDataCente
         transient=False,
     ) as progress:
         bars = {name: progress.add_task(name, total=opts.files, note="") for name in STAGES}
-        sites = progress.add_task("sites", total=None, note="")
+        site_tasks: dict[str, Any] = {}
 
         def on_file(n: int, _size: int) -> None:
             progress.update(bars["filed"], completed=n)
@@ -201,7 +201,10 @@ def run_demo(home: Path, opts: DemoOptions, console: Console, dc: LocalDataCente
             counts = stage_counts(engine, observations)
             for name in STAGES:
                 progress.update(bars[name], completed=counts[name])
-            progress.update(sites, note=" | ".join(site_lines(engine)))
+            for site, line in site_lines(engine).items():
+                if site not in site_tasks:
+                    site_tasks[site] = progress.add_task(site, total=None, note="")
+                progress.update(site_tasks[site], note=line)
             if counts["archived"] == len(filed) and counts["cleaned"] == len(filed):
                 break
             if time.monotonic() > deadline:
