@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 DEMO_DIR ?= .ccat-demo
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+E2E_ARGS ?=
 
-.PHONY: help install demo test lint format clean
+.PHONY: help install demo test lint format clean images e2e
 
 help:
 	@echo "make demo    - the whole data center on this machine: a simulated instrument files data,"
@@ -14,6 +15,9 @@ help:
 	@echo "make test    - lint + the test suite (starts its own PostgreSQL from a wheel)"
 	@echo "make lint    - ruff check + ruff format --check"
 	@echo "make format  - ruff format + ruff check --fix"
+	@echo "make e2e     - the docker compose stack end to end: build the images, up, a simulated"
+	@echo "               instrument files data, archive, verify in S3, down (E2E_ARGS=\"--no-build\")"
+	@echo "make images  - build the images of the compose stack (no registry needed)"
 	@echo "make clean   - remove the virtualenv and the demo folder"
 
 $(BIN)/python:
@@ -34,15 +38,21 @@ demo: install
 	$(BIN)/ccat-dc demo --home $(DEMO_DIR) $(DEMO_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench compose
+	$(BIN)/ruff format --check src tests bench compose
 
 format: install
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench compose
+	$(BIN)/ruff check --fix src tests bench compose
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+images:
+	bash scripts/build-images.sh
+
+e2e: install
+	$(BIN)/python compose/e2e.py $(E2E_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
