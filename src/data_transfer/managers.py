@@ -405,17 +405,25 @@ def archive(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) 
             )
         )
         for lta in ltas:
+            # the site's buffers as a list of ids: the index on (location, type, status) then
+            # reads only the present package copies there (a join lets the planner guess)
+            buffers = list(
+                s.scalars(
+                    select(DataLocation.id).where(
+                        DataLocation.site_id == lta.site_id,
+                        DataLocation.location_type == LocationType.BUFFER,
+                    )
+                )
+            )
             rows = s.execute(
                 select(PhysicalCopy.raw_data_package_id, PhysicalCopy.data_location_id)
-                .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
                 .join(RawDataPackage, RawDataPackage.id == PhysicalCopy.raw_data_package_id)
                 .where(
                     PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
                     PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
                     PhysicalCopy.checksum_verified_at.is_not(None),
                     PhysicalCopy.checksum == RawDataPackage.checksum,
-                    DataLocation.site_id == lta.site_id,
-                    DataLocation.location_type == LocationType.BUFFER,
+                    PhysicalCopy.data_location_id.in_(buffers or [-1]),
                     ~select(LongTermArchiveTransfer.id)
                     .where(
                         LongTermArchiveTransfer.raw_data_package_id
@@ -505,38 +513,21 @@ def staging(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) 
 def deletions(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
     """Schedule the deletion of every copy the rules allow, one task per location and package.
 
-    Candidates: live copies at SOURCE, BUFFER and PROCESSING, and failed deletions whose
-    back-off has passed. Every candidate goes through :func:`deletion.verdict`.
+    Candidates (:func:`deletion.candidates`): live copies at SOURCE, BUFFER and PROCESSING,
+    and failed deletions whose back-off has passed, less those the rules refuse for sure (a
+    package not ARCHIVED, retention). Every candidate goes through :func:`deletion.verdict`.
     """
     report = PassReport("deletion")
     batches: dict[tuple[int, Any], list[int]] = defaultdict(list)
     now = _now()
     with Session(engine) as s, s.begin():
+        # verdict() gets each copy's location: held here, they stay in the session's identity
+        # map (it keeps objects only while something references them)
+        locations = list(s.scalars(select(DataLocation)))
         copies = s.scalars(
-            select(PhysicalCopy)
-            .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
-            .where(
-                DataLocation.location_type.in_(
-                    [LocationType.SOURCE, LocationType.BUFFER, LocationType.PROCESSING]
-                ),
-                or_(
-                    PhysicalCopy.status.in_(
-                        [PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED]
-                    ),
-                    and_(
-                        PhysicalCopy.status == PhysicalCopyStatus.DELETION_FAILED,
-                        PhysicalCopy.retry_count <= settings.max_retries,
-                        _due(PhysicalCopy),
-                    ),
-                ),
-                # staged files go with their package directory
-                ~and_(
-                    PhysicalCopy.copy_type == CopyType.RAW_DATA_FILE,
-                    PhysicalCopy.status == PhysicalCopyStatus.STAGED,
-                ),
+            deletion.candidates(
+                s, now, max_retries=settings.max_retries, limit=settings.batch_size * 20
             )
-            .order_by(PhysicalCopy.id)
-            .limit(settings.batch_size * 20)
         ).all()
         pkg_cache: dict[Any, list[int]] = {}
         for copy in copies:
@@ -549,6 +540,7 @@ def deletions(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher
             )
             group = (copy.data_location_id, tuple(key) if key else copy.id)
             batches[group].append(copy.id)
+        del locations
     with Session(engine) as s:
         items = [
             (ids, location_queue(_loc(s, loc_id), Operation.DELETION))
@@ -632,21 +624,30 @@ def fixity(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -
     due_before = _now() - dt.timedelta(days=settings.fixity_interval_days)
     budget = settings.fixity_bytes_per_pass
     with Session(engine) as s:
-        rows = s.execute(
+        # Oldest check first, never-verified copies before all others: the order
+        # (checksum_verified_at NULLS FIRST, id), read as two index range scans.
+        base = (
             select(PhysicalCopy.id, PhysicalCopy.size, PhysicalCopy.data_location_id)
             .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
             .where(
                 DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
                 PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
                 PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
-                or_(
-                    PhysicalCopy.checksum_verified_at.is_(None),
-                    PhysicalCopy.checksum_verified_at < due_before.replace(tzinfo=None),
-                ),
             )
-            .order_by(PhysicalCopy.checksum_verified_at.asc().nulls_first(), PhysicalCopy.id)
-            .limit(settings.batch_size)
-        ).all()
+        )
+        rows = list(
+            s.execute(
+                base.where(PhysicalCopy.checksum_verified_at.is_(None))
+                .order_by(PhysicalCopy.id)
+                .limit(settings.batch_size)
+            ).all()
+        )
+        if len(rows) < settings.batch_size:
+            rows += s.execute(
+                base.where(PhysicalCopy.checksum_verified_at < due_before.replace(tzinfo=None))
+                .order_by(PhysicalCopy.checksum_verified_at, PhysicalCopy.id)
+                .limit(settings.batch_size - len(rows))
+            ).all()
         items = []
         for cid, size, loc_id in rows:
             if budget <= 0:

@@ -12,7 +12,15 @@ import datetime as dt
 import uuid
 from typing import TYPE_CHECKING
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from ..enums import CopyType, PhysicalCopyStatus
@@ -43,6 +51,39 @@ class PhysicalCopy(RetryMixin, TimestampMixin, Base):
         UniqueConstraint("raw_data_package_id", "data_location_id"),
         UniqueConstraint("data_transfer_package_id", "data_location_id"),
         Index(None, "data_location_id", "copy_type", "status"),
+        # Copies that are not DELETED: a small slice of the table (deleted copies keep their
+        # rows, so at scale almost every row is DELETED). Serves the deletion manager's and
+        # the recovery sweeper's scans by status and location, and counting live copies.
+        Index(
+            "ix_physical_copy_live",
+            "status",
+            "data_location_id",
+            postgresql_where=text("status <> 'deleted'"),
+            sqlite_where=text("status <> 'deleted'"),
+            # PostgreSQL: live copies and bytes per location from the index alone
+            postgresql_include=["copy_type", "size", "updated_at"],
+        ),
+        # The fixity audit: present package copies by last verification (oldest first), and
+        # those never verified (normally none: an empty index the planner trusts).
+        Index(
+            "ix_physical_copy_fixity",
+            "checksum_verified_at",
+            "id",
+            postgresql_where=text("copy_type = 'raw_data_package' AND status = 'present'"),
+            sqlite_where=text("copy_type = 'raw_data_package' AND status = 'present'"),
+        ),
+        Index(
+            "ix_physical_copy_unverified",
+            "id",
+            postgresql_where=text(
+                "copy_type = 'raw_data_package' AND status = 'present'"
+                " AND checksum_verified_at IS NULL"
+            ),
+            sqlite_where=text(
+                "copy_type = 'raw_data_package' AND status = 'present'"
+                " AND checksum_verified_at IS NULL"
+            ),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
