@@ -149,6 +149,30 @@ def summary(
     return value
 
 
+#: How long the DELETED-copy counts are reused (they only grow, and slowly matter).
+DELETED_COUNTS_MAX_AGE_S = 600.0
+_deleted_cache: dict[str, tuple[float, list[tuple[Any, int]]]] = {}
+
+
+def _deleted_counts(db: Session) -> list[tuple[Any, int]]:
+    """DELETED copies per copy type, cached per database for ``DELETED_COUNTS_MAX_AGE_S``."""
+    bind = db.get_bind()
+    key = str(getattr(bind, "engine", bind).url)
+    hit = _deleted_cache.get(key)
+    if hit is not None and time.monotonic() - hit[0] <= DELETED_COUNTS_MAX_AGE_S:
+        return hit[1]
+    rows = [
+        (copy_type, int(n))
+        for copy_type, n in db.execute(
+            select(PhysicalCopy.copy_type, func.count())
+            .where(PhysicalCopy.status == PhysicalCopyStatus.DELETED)
+            .group_by(PhysicalCopy.copy_type)
+        )
+    ]
+    _deleted_cache[key] = (time.monotonic(), rows)
+    return rows
+
+
 def compute_summary(db: Session) -> PipelineSummary:
     """The pipeline summary, computed now with aggregate queries."""
     now = dt.datetime.now(dt.UTC)
@@ -302,7 +326,9 @@ def compute_summary(db: Session) -> PipelineSummary:
         ),
     )
 
-    # stage 7 and sites: one pass over the copies, grouped by location, type and status
+    # stage 7 and sites: the live copies (not DELETED) grouped by location, type and status,
+    # read from the partial index ix_physical_copy_live; the DELETED history (most rows after
+    # years of operation) only feeds counts, so it is counted separately and kept longer.
     c_groups = list(
         db.execute(
             select(
@@ -312,9 +338,15 @@ def compute_summary(db: Session) -> PipelineSummary:
                 func.count(),
                 func.coalesce(func.sum(PhysicalCopy.size), 0),
                 func.min(PhysicalCopy.updated_at),
-            ).group_by(PhysicalCopy.data_location_id, PhysicalCopy.copy_type, PhysicalCopy.status)
+            )
+            .where(PhysicalCopy.status != PhysicalCopyStatus.DELETED)
+            .group_by(PhysicalCopy.data_location_id, PhysicalCopy.copy_type, PhysicalCopy.status)
         )
     )
+    c_groups += [
+        (None, copy_type, PhysicalCopyStatus.DELETED, n, 0, None)
+        for copy_type, n in _deleted_counts(db)
+    ]
     copies_by_status = _zeros(PhysicalCopyStatus)
     copies_by_type: dict[str, dict[str, int]] = defaultdict(dict)
     live: dict[int, dict[str, int]] = defaultdict(lambda: {"copies": 0, "bytes": 0})
