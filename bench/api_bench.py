@@ -113,6 +113,15 @@ def copy_baseline(url: str, files: list[dict]) -> float:
         return time.perf_counter() - start
 
 
+def vacuum(url: str) -> None:
+    """VACUUM ANALYZE the tables filing writes to."""
+    import psycopg
+
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE raw_data_file, physical_copy, api_audit_log")
+
+
 async def single_filing(base: str, token: str, files: list[dict], clients: int) -> list[float]:
     latencies: list[float] = []
     queue: asyncio.Queue[dict] = asyncio.Queue()
@@ -136,10 +145,85 @@ async def single_filing(base: str, token: str, files: list[dict], clients: int) 
     return latencies
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by process ``pid``, its live descendants and reaped children."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class CpuMeter:
+    """Where the machine's CPU went while a block ran: API, PostgreSQL, wrk, everything else."""
+
+    def __init__(self, api_pid: int, pg_pid: int | None) -> None:
+        self.pids = {"api": api_pid, "postgres": pg_pid}
+        self.used: dict[str, float] = {}
+
+    @staticmethod
+    def _busy() -> tuple[float, float]:
+        import psutil
+
+        t = psutil.cpu_times()
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        return sum(t) - idle, sum(t)
+
+    def _snapshot(self) -> dict[str, float]:
+        import psutil
+
+        me = psutil.Process().cpu_times()
+        snap = {k: tree_cpu(pid) if pid else 0.0 for k, pid in self.pids.items()}
+        snap["wrk"] = me.children_user + me.children_system
+        snap["busy"], snap["total"] = self._busy()
+        return snap
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._snapshot()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._snapshot()
+        self.used = {k: end[k] - self._start[k] for k in end}
+
+    def report(self, requests: int) -> str:
+        """CPU ms per request of each part, and the share of the machine others took."""
+        u = self.used
+        if not u or not requests:
+            return ""
+        others = u["busy"] - u["api"] - u["postgres"] - u["wrk"]
+        per = ", ".join(f"{k} {1000 * u[k] / requests:.2f} ms" for k in ("api", "postgres", "wrk"))
+        return (
+            f"CPU per single filing: {per}; other processes took "
+            f"{max(0.0, 100 * others / u['total']):.0f} % of the machine meanwhile"
+        )
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    """The PostgreSQL server's process id (first line of postmaster.pid)."""
+    try:
+        return int((data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def wrk_single(
     base: str, token: str, eou: str, module: int, location: int, clients: int, seconds: int
-) -> tuple[float, float, float, int]:
-    """Single-file filing driven by wrk (a C load generator): (req/s, p50 ms, p99 ms, errors)."""
+) -> tuple[float, float, float, int, int]:
+    """Single-file filing driven by wrk (a C load generator).
+
+    Returns (req/s, p50 ms, p99 ms, errors, requests).
+    """
     script = Path(__file__).with_name("file_one.lua")
     env = {
         **os.environ,
@@ -158,7 +242,9 @@ def wrk_single(
     line = next(x for x in out.splitlines() if x.startswith("RESULT"))
     vals = dict(kv.split("=") for kv in line.split()[1:])
     rate = int(vals["requests"]) / (int(vals["duration_us"]) / 1e6)
-    return rate, int(vals["p50_us"]) / 1000, int(vals["p99_us"]) / 1000, int(vals["errors"])
+    errors = int(vals["errors"]) + int(vals["unexpected"])  # socket errors + any answer but 201
+    p50, p99 = int(vals["p50_us"]) / 1000, int(vals["p99_us"]) / 1000
+    return rate, p50, p99, errors, int(vals["requests"])
 
 
 def main() -> int:
@@ -169,7 +255,15 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32, help="concurrent single-file clients")
     ap.add_argument("--workers", type=int, default=2, help="API worker processes")
     ap.add_argument("--seconds", type=int, default=10, help="duration of the wrk run")
+    ap.add_argument(
+        "--api-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra setting for the API process, e.g. CCAT_API_FAST_FILING=false (repeatable)",
+    )
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
 
     work = Path(tempfile.mkdtemp(prefix="ccat-bench-"))
     pg = EmbeddedPostgres(work / "pg", delete_on_stop=True)
@@ -192,6 +286,7 @@ def main() -> int:
 
     port = free_port()
     env = {**os.environ, "CCAT_OPS_DB_URL": url, "CCAT_API_LOG_LEVEL": "warning"}
+    env.update(kv.split("=", 1) for kv in args.api_env)
     exe = Path(sys.executable).with_name("ccat-api")
     proc = subprocess.Popen(
         [
@@ -209,6 +304,8 @@ def main() -> int:
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
+    meter = CpuMeter(proc.pid, postmaster_pid(work / "pg"))
+    requests = 0
     try:
         for _ in range(300):
             try:
@@ -234,13 +331,17 @@ def main() -> int:
             bulk_s = time.perf_counter() - t0
             progress.add_task("COPY baseline", total=None)
             copy_s = copy_baseline(url, copy_files)
+            # The 2 x --files rows just loaded would set autovacuum off in the middle of the
+            # single-filing run: do that work now, so the run measures the API.
+            vacuum(url)
             if shutil.which("wrk"):
                 progress.add_task(f"single filing (wrk), {args.clients} clients", total=None)
                 # warm up every worker's caches, then measure
                 wrk_single(base, token, str(eou_api), module, loc, args.clients, 2)
-                single_rate, p50, p99, errors = wrk_single(
-                    base, token, str(eou_api), module, loc, args.clients, args.seconds
-                )
+                with meter:
+                    single_rate, p50, p99, errors, requests = wrk_single(
+                        base, token, str(eou_api), module, loc, args.clients, args.seconds
+                    )
             else:
                 console.print(
                     "[yellow]wrk not found (apt-get install wrk): using httpx, "
@@ -255,6 +356,7 @@ def main() -> int:
                 p50 = statistics.median(lat_ms)
                 p99 = lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))]
                 errors = 0
+                requests = args.single
     finally:
         proc.terminate()
         proc.wait(10)
@@ -294,6 +396,13 @@ def main() -> int:
     console.print(
         f"summary: {args.files:,} files bulk in {bulk_s:.1f} s, COPY in {copy_s:.1f} s, "
         f"single filing {single_rate:,.0f} req/s with {errors} errors"
+    )
+    # Server, database and load generator share the cores: other work on the machine shows.
+    if meter.used:
+        console.print(meter.report(requests))
+    console.print(
+        f"machine: {os.cpu_count()} cores, load average {load_before:.2f} before the run"
+        + (f"; API settings: {' '.join(args.api_env)}" if args.api_env else "")
     )
     return 0
 

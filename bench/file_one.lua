@@ -1,7 +1,9 @@
 -- wrk script: POST one new raw data file per request (unique UUID, path and checksum).
 -- Reads TOKEN, EOU, MODULE, LOCATION from the environment.
+-- Each wrk thread has its own Lua state: thread_id is set (as a global) by setup() below, and
+-- seeds that thread's random numbers so two threads never make the same UUIDs.
 local counter = 0
-local thread_id = 0
+thread_id = 0
 local threads = {}
 
 function setup(thread)
@@ -21,7 +23,7 @@ local function hex(n)
 end
 
 function init(args)
-  math.randomseed(os.time() * 1000 + thread_id)
+  math.randomseed(os.time() * 1000 + thread_id * 7919)
 end
 
 function request()
@@ -37,7 +39,7 @@ function request()
   }, body)
 end
 
-local bad = 0
+bad = 0  -- global: done() collects it from every thread
 function response(status, headers, body)
   if status ~= 201 then
     bad = bad + 1
@@ -46,8 +48,11 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-  io.write(string.format("RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d\n",
+  local unexpected = 0  -- any answer but 201 (wrk itself counts only 4xx/5xx)
+  for _, t in ipairs(threads) do unexpected = unexpected + t:get("bad") end
+  io.write(string.format(
+    "RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d unexpected=%d\n",
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    summary.errors.status + summary.errors.connect + summary.errors.read +
-    summary.errors.write + summary.errors.timeout))
+    summary.errors.connect + summary.errors.read + summary.errors.write +
+    summary.errors.timeout, unexpected))
 end

@@ -13,7 +13,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import any_, bindparam, insert, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -69,6 +70,26 @@ def _chunks(items: list[Any], n: int = CHUNK) -> list[list[Any]]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
+def _is_postgresql(db: Session) -> bool:
+    return db.get_bind().dialect.name == "postgresql"
+
+
+def _chunk_size(db: Session) -> int:
+    """Values per lookup: one array parameter on PostgreSQL, bounded IN lists elsewhere."""
+    return 50_000 if _is_postgresql(db) else CHUNK
+
+
+def _among(db: Session, column: Any, values: list[Any]) -> Any:
+    """``column IN values``; on PostgreSQL ``column = ANY(:array)``, a single parameter.
+
+    Thousands of separate bind parameters make a long statement the driver has to parse and
+    the server to plan each time; one array parameter keeps the statement short and cached.
+    """
+    if _is_postgresql(db):
+        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    return column.in_(values)
+
+
 def file_rows(
     db: Session, files: list[RawDataFileIn], token_id: int | None
 ) -> tuple[list[dict[str, Any]], list[uuid.UUID]]:
@@ -98,7 +119,7 @@ def file_rows(
     def known(column: Any, values: set[Any]) -> set[Any]:
         found: set[Any] = set()
         for chunk in _chunks(sorted(values, key=str)):
-            found.update(db.scalars(select(column).where(column.in_(chunk))))
+            found.update(db.scalars(select(column).where(_among(db, column, chunk))))
         return found
 
     modules = known(InstrumentModule.id, {w["instrument_module_id"] for w in wanted})
@@ -147,17 +168,17 @@ def file_rows(
 
     # already filed: same content is fine, different content is a conflict
     existing: dict[uuid.UUID, RawDataFile] = {}
-    for chunk in _chunks(list(seen_ids)):
-        for row in db.scalars(select(RawDataFile).where(RawDataFile.id.in_(chunk))):
+    for chunk in _chunks(list(seen_ids), _chunk_size(db)):
+        for row in db.scalars(select(RawDataFile).where(_among(db, RawDataFile.id, chunk))):
             existing[row.id] = row
     by_path: dict[tuple[int, str], uuid.UUID] = {}
     for loc_id in loc_ids:
         paths = [w["relative_path"] for w in wanted if w["source_location_id"] == loc_id]
-        for chunk in _chunks(paths):
+        for chunk in _chunks(paths, _chunk_size(db)):
             for fid, path in db.execute(
                 select(RawDataFile.id, RawDataFile.relative_path).where(
                     RawDataFile.source_location_id == loc_id,
-                    RawDataFile.relative_path.in_(chunk),
+                    _among(db, RawDataFile.relative_path, chunk),
                 )
             ):
                 by_path[(loc_id, path)] = fid
@@ -200,10 +221,32 @@ def file_rows(
 
 
 def _insert_files_copy(db: Session, rows: list[dict[str, Any]], now: dt.datetime) -> None:
-    """PostgreSQL: stream the rows with COPY inside the request's transaction."""
+    """PostgreSQL: stream the rows with COPY inside the request's transaction.
+
+    COPY runs on the driver's connection, below SQLAlchemy: its errors are raised as the
+    SQLAlchemy exceptions they would have been (a duplicate key - a concurrent request filed
+    the same file - is an IntegrityError, a value PostgreSQL cannot store a DataError), so the
+    callers and the error handlers treat both ways of inserting alike.
+    """
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
+    connection = db.connection()
+    try:
+        _copy_rows(connection.connection.driver_connection, rows, now)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(
+            "COPY raw_data_file, physical_copy",
+            None,
+            exc,
+            psycopg.Error,
+            dialect=db.get_bind().dialect,
+        ) from exc
+
+
+def _copy_rows(raw: Any, rows: list[dict[str, Any]], now: dt.datetime) -> None:
     from psycopg.types.json import Jsonb
 
-    raw = db.connection().connection.driver_connection
     cols = (
         "id, name, relative_path, size, checksum, checksum_algorithm, instrument_module_id,"
         " executed_obs_unit_id, source_location_id, file_type, written_at, extra,"

@@ -28,5 +28,9 @@ class ApiSettings(BaseSettings):
     # Threads per process for the (synchronous) database work. Few threads beat many: the
     # work is CPU-bound Python, and 40 threads fighting for the GIL cost more than they give.
     threads: int = Field(8, ge=1, le=256)
+    # PostgreSQL only: file single raw data files on the event loop, one statement per file,
+    # over this many async connections per process (off: every filing goes through a thread).
+    fast_filing: bool = True
+    async_pool_size: int = Field(4, ge=1, le=64)
     log_level: str = "info"
     root_path: str = ""

@@ -7,15 +7,17 @@ import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from ccat_ops_db.enums import LocationType, PackageState, PhysicalCopyStatus
 from ccat_ops_db.models import PhysicalCopy, RawDataFile, RawDataPackage
 
-from ..deps import DB, Filer, Paging, Reader, audit, paginate
+from ..deps import DB, Filer, Paging, Principal, Reader, audit, fast_pool, json_response, paginate
 from ..errors import ERROR_RESPONSES, ApiError, ErrorBody, not_found
+from ..fastpath import file_new, file_one_params
 from ..filing import file_rows, insert_files, location_type, try_insert_one
 from ..schemas.common import Page
 from ..schemas.filing import FilingResult, RawDataFileBulkIn, RawDataFileIn, RawDataFileOut
@@ -49,52 +51,86 @@ CONFLICT = {409: {"model": ErrorBody, "description": "Filed before with other va
         200: {"model": RawDataFileOut, "description": "Already filed as-is"},
     },
 )
-def file_one(
-    body: RawDataFileIn, request: Request, response: Response, db: DB, who: Filer
-) -> RawDataFileOut:
+async def file_one(body: RawDataFileIn, request: Request, who: Filer) -> Response:
     """Record one file; filing it again with identical values answers 200."""
     state = request.app.state
-    if location_type(state, db, body.source_location_id) == LocationType.SOURCE:
-        row = try_insert_one(db, body, who.token_id)
-        if row is not None:
-            audit(db, who, request, 201, "raw_data_file", [body.id])
-            db.commit()
+    pool = fast_pool(state)
+    if pool is not None:
+        now = dt.datetime.now(dt.UTC)
+        params = file_one_params(
+            body,
+            user_id=who.user_id,
+            token_id=who.token_id,
+            method=request.method,
+            path=request.url.path,
+            client_ip=request.client.host if request.client else None,
+            now=now,
+        )
+        if await file_new(pool, params):
             state.metrics.files_filed.inc()
             state.metrics.bytes_filed.inc(body.size)
-            return RawDataFileOut.model_validate(
-                {**row, "raw_data_package_id": None, "state": "unpackaged"}
+            # Every value was validated on the way in: build the answer without validating
+            # it all again (FastAPI would, for a returned model).
+            out = RawDataFileOut.model_construct(
+                **body.__dict__,
+                raw_data_package_id=None,
+                created_at=now,
+                created_by_token_id=who.token_id,
+                state="unpackaged",
             )
-        db.rollback()
-    # Not new, or not valid: the full check says which (and files it if it raced).
-    for attempt in (1, 2):
-        try:
-            rows, _unchanged = file_rows(db, [body], who.token_id)
-        except ApiError as exc:
-            if len(exc.errors) == 1 and exc.status_code == 409:  # single file: say it plainly
-                exc.detail = exc.errors[0]["msg"]
-            raise
-        if rows:
-            insert_files(db, rows)
-            audit(db, who, request, 201, "raw_data_file", [body.id])
-            try:
+            return json_response(out, 201)
+    # SQLite, or not new, or not valid: the full check says which (and files it if it raced).
+    status, out = await run_in_threadpool(_file_one_checked, request, body, who, pool is None)
+    return json_response(out, status)
+
+
+def _file_one_checked(
+    request: Request, body: RawDataFileIn, who: Principal, try_fast: bool
+) -> tuple[int, RawDataFileOut]:
+    """File ``body`` with the full check; returns (201 or 200, the file as stored)."""
+    state = request.app.state
+    with Session(state.engine, expire_on_commit=False) as db:
+        if try_fast and location_type(state, db, body.source_location_id) == LocationType.SOURCE:
+            row = try_insert_one(db, body, who.token_id)
+            if row is not None:
+                audit(db, who, request, 201, "raw_data_file", [body.id])
                 db.commit()
-            except IntegrityError:
-                db.rollback()
-                if attempt == 2:
-                    raise
-                continue  # raced with an identical request: re-check
-            state.metrics.files_filed.inc()
-            state.metrics.bytes_filed.inc(body.size)
-        else:
-            response.status_code = 200
-        break
-    f = db.scalar(
-        select(RawDataFile)
-        .options(selectinload(RawDataFile.raw_data_package))
-        .where(RawDataFile.id == body.id)
-    )
-    assert f is not None
-    return to_out(f)
+                state.metrics.files_filed.inc()
+                state.metrics.bytes_filed.inc(body.size)
+                return 201, RawDataFileOut.model_validate(
+                    {**row, "raw_data_package_id": None, "state": "unpackaged"}
+                )
+            db.rollback()
+        status = 201
+        for attempt in (1, 2):
+            try:
+                rows, _unchanged = file_rows(db, [body], who.token_id)
+            except ApiError as exc:
+                if len(exc.errors) == 1 and exc.status_code == 409:  # one file: say it plainly
+                    exc.detail = exc.errors[0]["msg"]
+                raise
+            if rows:
+                try:
+                    insert_files(db, rows)
+                    audit(db, who, request, 201, "raw_data_file", [body.id])
+                    db.commit()
+                except IntegrityError:
+                    db.rollback()
+                    if attempt == 2:
+                        raise
+                    continue  # raced with a concurrent request: check again
+                state.metrics.files_filed.inc()
+                state.metrics.bytes_filed.inc(body.size)
+            else:
+                status = 200
+            break
+        f = db.scalar(
+            select(RawDataFile)
+            .options(selectinload(RawDataFile.raw_data_package))
+            .where(RawDataFile.id == body.id)
+        )
+        assert f is not None
+        return status, to_out(f)
 
 
 @router.post(
@@ -107,7 +143,7 @@ def file_one(
         413: {"model": ErrorBody, "description": "More items than the server accepts at once"},
     },
 )
-def file_bulk(body: RawDataFileBulkIn, request: Request, db: DB, who: Filer) -> FilingResult:
+def file_bulk(body: RawDataFileBulkIn, request: Request, db: DB, who: Filer) -> Response:
     """File up to the configured number of files; any rejected item rejects the request,
     and the answer lists every rejected item with its index and reason."""
     limit = request.app.state.settings.bulk_max_items
@@ -116,19 +152,21 @@ def file_bulk(body: RawDataFileBulkIn, request: Request, db: DB, who: Filer) -> 
     for attempt in (1, 2):
         rows, unchanged = file_rows(db, body.files, who.token_id)
         if rows:
-            insert_files(db, rows)
-            audit(db, who, request, 200, "raw_data_file", [r["id"] for r in rows])
             try:
+                insert_files(db, rows)
+                audit(db, who, request, 200, "raw_data_file", [r["id"] for r in rows])
                 db.commit()
             except IntegrityError:
                 db.rollback()
                 if attempt == 2:
                     raise
-                continue
+                continue  # raced with a concurrent request: check again
             request.app.state.metrics.files_filed.inc(len(rows))
             request.app.state.metrics.bytes_filed.inc(sum(r["size"] for r in rows))
-        return FilingResult(
-            created=len(rows), unchanged=len(unchanged), ids=[f.id for f in body.files]
+        return json_response(  # the ids are validated UUIDs already: no second validation
+            FilingResult.model_construct(
+                created=len(rows), unchanged=len(unchanged), ids=[f.id for f in body.files]
+            )
         )
     raise AssertionError("unreachable")
 

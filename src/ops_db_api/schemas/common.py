@@ -24,10 +24,14 @@ class Page(BaseModel, Generic[T]):
     limit: int
 
 
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+_HEX = re.compile(r"[0-9a-f]+")
+
+
 def _relative_path(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
-    if value.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", value):
+    if value.startswith("/") or _DRIVE.match(value):
         raise ValueError("must be relative to the location's root (no leading '/')")
     parts = value.replace("\\", "/").split("/")
     if any(p in ("", ".", "..") for p in parts):
@@ -48,7 +52,7 @@ def check_checksum(algorithm: str, checksum: str) -> str:
     """Lower-case hex of the right length for ``algorithm``, or ValueError."""
     value = checksum.lower()
     expected = CHECKSUM_LENGTHS.get(algorithm)
-    if not re.fullmatch(r"[0-9a-f]+", value):
+    if not _HEX.fullmatch(value):
         raise ValueError("checksum must be hexadecimal")
     if expected and len(value) != expected:
         raise ValueError(f"a {algorithm} checksum has {expected} hex digits, got {len(value)}")

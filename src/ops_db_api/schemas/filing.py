@@ -86,6 +86,9 @@ class RawDataFileIn(Strict):
         self.checksum = check_checksum(self.checksum_algorithm.value, self.checksum)
         if self.name is None:
             self.name = self.relative_path.replace("\\", "/").rsplit("/", 1)[-1]
+        if self.written_at is not None and self.written_at.utcoffset():
+            # stored and answered in UTC, like every other time of the API
+            self.written_at = self.written_at.astimezone(dt.UTC)
         return self
 
 
