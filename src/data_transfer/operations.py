@@ -34,7 +34,6 @@ from ccat_ops_db.enums import (
     CopyType,
     PackageState,
     PhysicalCopyStatus,
-    RouteType,
     Status,
 )
 from ccat_ops_db.models import (
@@ -56,7 +55,6 @@ from . import deletion, packaging, routing, state
 from .errors import (
     ChecksumMismatchError,
     ConfigurationError,
-    DeletionRefusedError,
     TransferSystemError,
     UnpackError,
 )
@@ -941,10 +939,4 @@ OPERATIONS: dict[str, Callable[[Context, Any], Outcome]] = {
     "fixity": fixity,
 }
 
-__all__ = [
-    "OPERATIONS",
-    "Context",
-    "DeletionRefusedError",
-    "Outcome",
-    "RouteType",
-]
+__all__ = ["OPERATIONS", "Context", "Outcome"]

