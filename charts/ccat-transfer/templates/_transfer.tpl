@@ -1,0 +1,74 @@
+{{/* Environment of workers and managers: database, broker, CCAT_TRANSFER_*, metrics. */}}
+{{- define "ccat-transfer.env" -}}
+{{ include "ccat.databaseEnv" . }}
+- name: CCAT_TRANSFER_BROKER_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "broker.urlSecret.name is required" .Values.broker.urlSecret.name | quote }}
+      key: {{ .Values.broker.urlSecret.key | quote }}
+- name: CCAT_TRANSFER_LOG_DIR
+  value: /var/lib/ccat/transfer-logs
+- name: CCAT_TRANSFER_METRICS_PORT
+  value: {{ .Values.metrics.port | quote }}
+- name: CCAT_TRANSFER_METRICS_HOST
+  value: "0.0.0.0"
+{{- range $k, $v := .Values.transfer }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- include "ccat.extraEnv" . }}
+{{- end -}}
+
+{{- define "ccat-transfer.s3Env" -}}
+{{- with .Values.s3.endpointUrl }}
+- name: CCAT_S3_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- range .Values.s3.credentials }}
+- name: {{ .envPrefix }}_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef: {name: {{ .secretName | quote }}, key: {{ .accessKeyIdKey | quote }}}
+- name: {{ .envPrefix }}_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ .secretName | quote }}, key: {{ .secretAccessKeyKey | quote }}}
+{{- end }}
+{{- end -}}
+
+{{/* Probes running a command (the role's health key in Redis). Args: list of words. */}}
+{{- define "ccat-transfer.probes" -}}
+{{- $cmd := .cmd -}}
+startupProbe:
+  exec:
+    command: {{ toJson $cmd }}
+  {{- toYaml .probes.startup | nindent 2 }}
+livenessProbe:
+  exec:
+    command: {{ toJson $cmd }}
+  {{- toYaml .probes.liveness | nindent 2 }}
+readinessProbe:
+  exec:
+    command: {{ toJson $cmd }}
+  {{- toYaml .probes.readiness | nindent 2 }}
+{{- end -}}
+
+{{/* A PodDisruptionBudget. Args: root, name, component, replicas. */}}
+{{- define "ccat-transfer.pdb" -}}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ .name }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "ccat.labels" .root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  {{- if gt (int .replicas) 1 }}
+  minAvailable: {{ .root.Values.podDisruptionBudget.minAvailable }}
+  {{- else }}
+  maxUnavailable: 1
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "ccat.selectorLabels" .root | nindent 6 }}
+      app.kubernetes.io/component: {{ .component }}
+{{- end -}}
