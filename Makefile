@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 E2E_ARGS ?=
 
-.PHONY: help install demo test lint format clean images e2e
+.PHONY: help install demo test lint format clean images e2e molecule charts chaos
 
 help:
 	@echo "make demo    - the whole data center on this machine: a simulated instrument files data,"
@@ -18,6 +18,9 @@ help:
 	@echo "make e2e     - the docker compose stack end to end: build the images, up, a simulated"
 	@echo "               instrument files data, archive, verify in S3, down (E2E_ARGS=\"--no-build\")"
 	@echo "make images  - build the images of the compose stack (no registry needed)"
+	@echo "make molecule - every Ansible role through molecule (docker driver), ansible-lint, yamllint"
+	@echo "make charts  - helm lint/template every chart, validate against the Kubernetes schemas, scan"
+	@echo "make chaos   - the reliability and security suite (tests/chaos, tests/security)"
 	@echo "make clean   - remove the virtualenv and the demo folder"
 
 $(BIN)/python:
@@ -38,15 +41,25 @@ demo: install
 	$(BIN)/ccat-dc demo --home $(DEMO_DIR) $(DEMO_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests bench compose
-	$(BIN)/ruff format --check src tests bench compose
+	$(BIN)/ruff check src tests bench compose infra
+	$(BIN)/ruff format --check src tests bench compose infra
 
 format: install
-	$(BIN)/ruff format src tests bench compose
-	$(BIN)/ruff check --fix src tests bench compose
+	$(BIN)/ruff format src tests bench compose infra
+	$(BIN)/ruff check --fix src tests bench compose infra
 
+# tests/chaos and tests/security are the long reliability/security suite: `make chaos` runs them.
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --ignore=tests/chaos --ignore=tests/security $(PYTEST_ARGS)
+
+chaos: install
+	$(BIN)/pytest tests/chaos tests/security $(PYTEST_ARGS)
+
+molecule: install
+	bash playbooks/molecule.sh
+
+charts: install
+	bash charts/check.sh
 
 images:
 	bash scripts/build-images.sh

@@ -116,6 +116,10 @@ def worker_context(settings: TransferSettings) -> Any:
 
 
 def _register(app: Celery, settings: TransferSettings) -> None:
+    from celery import current_task
+
+    from ccat_ops_db.logs import log_context, task_log_ids
+
     from .operations import OPERATIONS
 
     for kind, task_name in TASK_NAMES.items():
@@ -125,8 +129,10 @@ def _register(app: Celery, settings: TransferSettings) -> None:
             ctx = worker_context(settings)
             if _kind == "staging_job":
                 payload = int(payload)
-            outcome = _op(ctx, payload)
-            log.info("%s %s: %s %s", _kind, payload, outcome.result, outcome.detail)
+            task_id = getattr(getattr(current_task, "request", None), "id", None)
+            with log_context(**task_log_ids(_kind, payload, task_id)):
+                outcome = _op(ctx, payload)
+                log.info("%s %s: %s %s", _kind, payload, outcome.result, outcome.detail)
             return outcome.as_dict()
 
         app.task(name=task_name, bind=False, acks_late=True, reject_on_worker_lost=True)(run)

@@ -6,9 +6,7 @@ The database comes from ``CCAT_OPS_DB_*``, the broker and every other knob from
 
 from __future__ import annotations
 
-import logging
 import signal
-import sys
 from typing import Annotated
 
 import typer
@@ -40,12 +38,11 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-        stream=sys.stderr,
-    )
+def _logging(level: str, service: str = "transfer") -> None:
+    """Structured logs (CCAT_LOG_FORMAT: json, the default for services, or text)."""
+    from ccat_ops_db.logs import setup_logging
+
+    setup_logging(level=level.upper(), service=service)
 
 
 @app.command()
@@ -98,7 +95,16 @@ def worker(
     from .celery_app import make_celery
 
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port, settings.metrics_host)
+        metrics.serve(
+            settings.metrics_port,
+            settings.metrics_host,
+            worker_site=site,
+            worker_locations=location,
+        )
+    from celery.signals import setup_logging as celery_setup_logging
+
+    # a receiver of this signal stops Celery from configuring logging itself: ours is used
+    celery_setup_logging.connect(lambda **_: _logging(loglevel, "worker"), weak=False)
     celery = make_celery(settings)
     names = sorted({q.name for q in found})
     err.print(f"worker for {site}/{','.join(location or ['*'])}: {len(names)} queues")
@@ -133,7 +139,7 @@ def manager(
     """Run one stage's manager as a loop (or one pass with --once)."""
     if name not in MANAGERS and name != "all":
         _fail(ConfigurationError(f"unknown manager {name!r} (known: {', '.join(MANAGERS)})"))
-    _logging(loglevel)
+    _logging(loglevel, f"manager-{name}")
     try:
         settings = load_transfer_settings()
         engine = _engine()
@@ -160,6 +166,9 @@ def manager(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     err.print(f"manager {name}: every {settings.manager_sleep_s:g} s (Ctrl-C stops)")
+    from ccat_ops_db.logs import bind
+
+    bind(manager=name)
     run_loop(
         name, engine, settings, dispatcher, heartbeats=heartbeats, should_stop=lambda: stop["flag"]
     )

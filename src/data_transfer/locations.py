@@ -74,9 +74,12 @@ class LocationRef:
         storage = str(loc.storage_type)
         kwargs: dict[str, Any] = {}
         if storage == "disk":
+            # a worker on the host that mounts the disk reads it directly, not over ssh
+            local = (environ or os.environ).get("CCAT_TRANSFER_LOCAL_HOSTS", "")
+            here = {h.strip() for h in local.split(",") if h.strip()}
             kwargs = {
                 "root_path": loc.root_path,
-                "host": loc.host,
+                "host": None if loc.host in here else loc.host,
                 "ssh_user": loc.ssh_user,
             }
         elif storage == "s3":

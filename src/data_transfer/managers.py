@@ -101,6 +101,7 @@ def _schedule_and_submit(
                 sent.append((record_id, queue))
     for record_id, queue in sent:
         dispatcher.submit(kind, str(record_id) if kind == "staging_job" else record_id, queue)
+        log.info("submitted %s %s", kind, record_id, extra={"kind": kind, "record_id": record_id})
     report.scheduled += len(sent)
 
 
@@ -377,6 +378,7 @@ def unpacking(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher
             .where(
                 DataTransfer.status == Status.COMPLETED,
                 DataTransfer.unpack_status == Status.PENDING,
+                _due(DataTransfer),  # a full BUFFER sets a time to look again
             )
             .order_by(DataTransfer.id)
             .limit(settings.batch_size)
@@ -613,9 +615,39 @@ def recovery(
             copy.status = PhysicalCopyStatus.DELETION_FAILED
             copy.failure_reason = "StalledTask: deletion did not finish; will be retried"
             report.created += 1
+        revived = _revive_after_partition(s, settings, now)
     if report.created:
         report.notes.append(f"reset {report.created} stalled records")
+    if revived:
+        report.created += revived
+        report.notes.append(f"retrying {revived} transfers failed by an unreachable route")
     return report
+
+
+#: Failure classes of a transfer that a partition (a route cut off) produces.
+PARTITION_REASONS = ("NetworkError:", "BBCPError:", "StorageError:")
+
+
+def _revive_after_partition(s: Session, settings: TransferSettings, now: dt.datetime) -> int:
+    """Transfers FAILED for a network or storage reason get a fresh round of retries once
+    ``partition_retry_s`` has passed since their last failure: a cut-off site heals without a
+    person, at most one round of ``max_retries`` attempts per period (no retry storm)."""
+    if settings.partition_retry_s <= 0:
+        return 0
+    before = now - dt.timedelta(seconds=settings.partition_retry_s)
+    failed = s.scalars(
+        select(DataTransfer).where(
+            DataTransfer.status == Status.FAILED,
+            DataTransfer.last_failure_at < before,
+            or_(*(DataTransfer.failure_reason.startswith(r) for r in PARTITION_REASONS)),
+        )
+    ).all()
+    for t in failed:
+        t.status = Status.PENDING
+        t.retry_count = 0
+        t.next_attempt_at = None
+        t.failure_reason = f"retrying after the route failed: {t.failure_reason}"[:1990]
+    return len(failed)
 
 
 def fixity(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
@@ -716,9 +748,12 @@ def run_loop(
         except Exception:
             log.exception("manager %s: pass failed; retrying after the sleep", name)
         if heartbeats is not None:
-            heartbeats.beat(
-                f"health:data_transfer:manager_{name}", max(90.0, settings.manager_sleep_s * 3)
-            )
+            try:  # Redis away: the health key lapses, the loop goes on and beats again later
+                heartbeats.beat(
+                    f"health:data_transfer:manager_{name}", max(90.0, settings.manager_sleep_s * 3)
+                )
+            except Exception as exc:
+                log.warning("manager %s: could not refresh its health key: %s", name, exc)
         deadline = time.monotonic() + settings.manager_sleep_s
         while time.monotonic() < deadline and not should_stop():
             time.sleep(min(0.5, settings.manager_sleep_s))

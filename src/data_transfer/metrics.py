@@ -1,13 +1,25 @@
 """Prometheus metrics of the transfer system.
 
-Workers count what they do (tasks done and failed by exception class, bytes moved, task
-durations). Managers serve the pipeline's state from the database at scrape time
-(:class:`PipelineCollector`): per stage, how many records wait, run, finished and failed, and
-failures by reason class — so a dashboard shows what is stuck without a log search.
+Workers count what they do (tasks done and failed by exception class, bytes moved per stage
+and per route, task durations) and report the disk use of the locations they reach
+(:class:`LocationDiskCollector`). Managers serve the pipeline's state from the database at
+scrape time (:class:`PipelineCollector`): per stage, how many records wait, run, finished and
+failed, failures by reason class, and per stage and site the backlog and the age of its oldest
+item — so a dashboard shows what is stuck without a log search. The full list with labels is in
+``docs/observability.md``.
+
+This module imports only SQLAlchemy, prometheus_client and the ops-db models (the transfer
+state machine is imported where needed), so the API's status page can reuse :func:`backlog`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
@@ -15,7 +27,20 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from .state import KINDS
+from ccat_ops_db.enums import Status
+from ccat_ops_db.models import (
+    DataLocation,
+    DataTransfer,
+    DataTransferPackage,
+    DiskDataLocation,
+    LongTermArchiveTransfer,
+    RawDataFile,
+    RawDataPackage,
+    Site,
+    StagingJob,
+)
+
+log = logging.getLogger("data_transfer.metrics")
 
 _TASKS = Counter(
     "ccat_transfer_tasks_total", "Transfer tasks finished, by stage and result", ["stage", "result"]
@@ -26,6 +51,11 @@ _FAILURES = Counter(
     ["stage", "reason"],
 )
 _BYTES = Counter("ccat_transfer_bytes_total", "Bytes written, by stage", ["stage"])
+_ROUTE_BYTES = Counter(
+    "ccat_transfer_route_bytes_total",
+    "Bytes moved between sites, by source site, destination site and method",
+    ["source_site", "dest_site", "method"],
+)
 _SECONDS = Histogram(
     "ccat_transfer_task_seconds",
     "Task duration, by stage",
@@ -52,12 +82,18 @@ class TaskMetrics:
         """``n`` bytes written by ``stage``."""
         _BYTES.labels(stage).inc(n)
 
+    def route_bytes(self, source_site: str, dest_site: str, method: str, n: int) -> None:
+        """``n`` bytes moved from ``source_site`` to ``dest_site`` by ``method``."""
+        _ROUTE_BYTES.labels(source_site, dest_site, method).inc(n)
+
 
 TASK_METRICS = TaskMetrics()
 
 
 def pipeline_counts(engine: Engine) -> dict[str, dict[str, int]]:
     """Records per stage and status, from the database."""
+    from .state import KINDS
+
     out: dict[str, dict[str, int]] = {}
     with Session(engine) as s:
         for name, kind in KINDS.items():
@@ -69,6 +105,8 @@ def pipeline_counts(engine: Engine) -> dict[str, dict[str, int]]:
 
 def failure_reasons(engine: Engine) -> dict[tuple[str, str], int]:
     """FAILED records per stage and exception class (the text before the first colon)."""
+    from .state import KINDS
+
     out: dict[tuple[str, str], int] = {}
     with Session(engine) as s:
         for name, kind in KINDS.items():
@@ -77,6 +115,99 @@ def failure_reasons(engine: Engine) -> dict[tuple[str, str], int]:
             for (reason,) in s.execute(select(reason_col).where(col == "failed")).all():
                 cls = (reason or "unknown").split(":", 1)[0][:64]
                 out[(name, cls)] = out.get((name, cls), 0) + 1
+    return out
+
+
+NOT_DONE = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _backlog_queries() -> Iterable[tuple[str, Any]]:
+    """(stage, SELECT location_id, count, min(waiting since)) of everything not done yet.
+
+    The location is the one whose queue runs the work (origin for packaging, destination for
+    transfers, unpacking, archiving and staging); every query filters on an indexed status.
+    """
+    yield (
+        "filing",
+        select(RawDataFile.source_location_id, func.count(), func.min(RawDataFile.created_at))
+        .where(RawDataFile.raw_data_package_id.is_(None))
+        .group_by(RawDataFile.source_location_id),
+    )
+    for stage, model, loc_col, since_col in (
+        (
+            "raw_data_package",
+            RawDataPackage,
+            RawDataPackage.origin_location_id,
+            RawDataPackage.created_at,
+        ),
+        (
+            "data_transfer_package",
+            DataTransferPackage,
+            DataTransferPackage.origin_location_id,
+            DataTransferPackage.created_at,
+        ),
+        (
+            "data_transfer",
+            DataTransfer,
+            DataTransfer.destination_location_id,
+            DataTransfer.created_at,
+        ),
+        (
+            "long_term_archive_transfer",
+            LongTermArchiveTransfer,
+            LongTermArchiveTransfer.destination_location_id,
+            LongTermArchiveTransfer.created_at,
+        ),
+        ("staging_job", StagingJob, StagingJob.destination_location_id, StagingJob.requested_at),
+    ):
+        yield (
+            stage,
+            select(loc_col, func.count(), func.min(since_col))
+            .where(model.status.in_(NOT_DONE))
+            .group_by(loc_col),
+        )
+    yield (
+        "unpack",
+        select(
+            DataTransfer.destination_location_id,
+            func.count(),
+            func.min(func.coalesce(DataTransfer.finished_at, DataTransfer.created_at)),
+        )
+        .where(DataTransfer.status == Status.COMPLETED, DataTransfer.unpack_status.in_(NOT_DONE))
+        .group_by(DataTransfer.destination_location_id),
+    )
+
+
+def backlog(engine: Engine) -> dict[tuple[str, str], tuple[int, float]]:
+    """Items waiting or running per (stage, site), with the age in seconds of the oldest."""
+    now = dt.datetime.now(dt.UTC)
+    out: dict[tuple[str, str], tuple[int, float]] = {}
+    with Session(engine) as s:
+        site_of = {
+            loc_id: short
+            for loc_id, short in s.execute(
+                select(DataLocation.id, Site.short_name).join(Site, DataLocation.site_id == Site.id)
+            )
+        }
+        sites = sorted(set(site_of.values()))
+        for stage, query in _backlog_queries():
+            per_site: dict[str, tuple[int, dt.datetime | None]] = {
+                site: (0, None) for site in sites
+            }
+            for loc_id, n, since in s.execute(query):
+                site = site_of.get(loc_id, "unknown")
+                count, oldest = per_site.get(site, (0, None))
+                since = _aware(since) if since is not None else None
+                if since is not None and (oldest is None or since < oldest):
+                    oldest = since
+                per_site[site] = (count + int(n), oldest)
+            for site, (count, oldest) in per_site.items():
+                age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+                out[(stage, site)] = (count, age)
     return out
 
 
@@ -91,7 +222,9 @@ class PipelineCollector:
         try:
             counts = pipeline_counts(self.engine)
             reasons = failure_reasons(self.engine)
-        except Exception:
+            waiting = backlog(self.engine)
+        except Exception as exc:
+            log.warning("pipeline metrics unavailable: %s: %s", type(exc).__name__, exc)
             return
         g = GaugeMetricFamily(
             "ccat_transfer_records",
@@ -110,16 +243,136 @@ class PipelineCollector:
         for (stage, reason), n in reasons.items():
             f.add_metric([stage, reason], n)
         yield f
+        items = GaugeMetricFamily(
+            "ccat_transfer_backlog_items",
+            "Items not done yet (pending, scheduled, in progress) by stage and the site that "
+            "runs them; filing counts files not in a package yet",
+            labels=["stage", "site"],
+        )
+        age = GaugeMetricFamily(
+            "ccat_transfer_backlog_oldest_age_seconds",
+            "Age of the oldest item not done yet, by stage and site (0 when none waits)",
+            labels=["stage", "site"],
+        )
+        for (stage, site), (n, seconds) in sorted(waiting.items()):
+            items.add_metric([stage, site], n)
+            age.add_metric([stage, site], seconds)
+        yield items
+        yield age
+
+
+class LocationDiskCollector:
+    """Disk use of the disk locations a worker reaches (``shutil.disk_usage`` at scrape time).
+
+    The locations (and their root paths) are read from the database at most once a minute;
+    locations on another host (reached over ssh) or whose folder is missing are left out.
+    """
+
+    def __init__(
+        self,
+        site: str,
+        locations: list[str] | None = None,
+        engine: Engine | None = None,
+        refresh_s: float = 60.0,
+    ) -> None:
+        self.site = site
+        self.locations = set(locations or [])
+        self._engine = engine
+        self.refresh_s = refresh_s
+        self._lock = threading.Lock()
+        self._roots: list[tuple[str, str, str]] = []
+        self._read_at = -1e9
+
+    def _engine_now(self) -> Engine:
+        if self._engine is None:
+            from ccat_ops_db.db import make_engine
+
+            self._engine = make_engine()
+        return self._engine
+
+    def roots(self) -> list[tuple[str, str, str]]:
+        """(location name, location type, root path) of the disk locations watched."""
+        with self._lock:
+            if time.monotonic() - self._read_at < self.refresh_s:
+                return self._roots
+            with Session(self._engine_now()) as s:
+                rows = s.execute(
+                    select(
+                        DiskDataLocation.name,
+                        DiskDataLocation.location_type,
+                        DiskDataLocation.root_path,
+                    )
+                    .join(Site, DiskDataLocation.site_id == Site.id)
+                    .where(Site.short_name == self.site, DiskDataLocation.host.is_(None))
+                    .order_by(DiskDataLocation.name)
+                ).all()
+            self._roots = [
+                (name, str(ltype), root)
+                for name, ltype, root in rows
+                if not self.locations or name in self.locations
+            ]
+            self._read_at = time.monotonic()
+            return self._roots
+
+    def collect(self) -> Any:
+        """Yield free, used and total bytes per location."""
+        try:
+            roots = self.roots()
+        except Exception as exc:
+            log.warning("location disk metrics unavailable: %s: %s", type(exc).__name__, exc)
+            return
+        labels = ["site", "location", "location_type"]
+        free = GaugeMetricFamily(
+            "ccat_transfer_location_free_bytes",
+            "Free bytes on the file system of a disk location this worker reaches",
+            labels=labels,
+        )
+        used = GaugeMetricFamily(
+            "ccat_transfer_location_used_bytes",
+            "Used bytes on the file system of a disk location this worker reaches",
+            labels=labels,
+        )
+        total = GaugeMetricFamily(
+            "ccat_transfer_location_size_bytes",
+            "Size in bytes of the file system of a disk location this worker reaches",
+            labels=labels,
+        )
+        for name, ltype, root in roots:
+            try:
+                usage = shutil.disk_usage(root)
+            except OSError:
+                continue
+            key = [self.site, name, ltype]
+            free.add_metric(key, usage.free)
+            used.add_metric(key, usage.used)
+            total.add_metric(key, usage.total)
+        yield free
+        yield used
+        yield total
 
 
 _served: set[int] = set()
 
 
-def serve(port: int, host: str = "127.0.0.1", engine: Engine | None = None) -> None:
-    """Serve /metrics on ``host:port`` (once per process); with ``engine``, pipeline gauges."""
+def serve(
+    port: int,
+    host: str = "127.0.0.1",
+    engine: Engine | None = None,
+    *,
+    worker_site: str | None = None,
+    worker_locations: list[str] | None = None,
+) -> None:
+    """Serve /metrics on ``host:port`` (once per process).
+
+    With ``engine`` (managers): the pipeline gauges read from the database at scrape time.
+    With ``worker_site`` (workers): the disk use of that site's locations (``worker_locations``
+    only, when given).
+    """
     if port in _served:
         return
     if engine is not None:
         REGISTRY.register(PipelineCollector(engine))  # type: ignore[arg-type]
+    if worker_site is not None:
+        REGISTRY.register(LocationDiskCollector(worker_site, worker_locations))  # type: ignore[arg-type]
     start_http_server(port, addr=host)
     _served.add(port)

@@ -62,6 +62,7 @@ from .heartbeat import Heartbeats, MemoryHeartbeats, beating, task_key
 from .locations import LocationRef
 from .metrics import TASK_METRICS
 from .movers import mover_for
+from .movers.space import ensure_space
 from .settings import TransferSettings
 
 log = logging.getLogger("data_transfer.operations")
@@ -203,6 +204,18 @@ def _on_failure(ctx: Context, session: Session, kind: str, record: Any, exc: Bas
         record.retry_count = (record.retry_count or 0) + 1
         record.failure_reason = f"re-fetch after bad copy: {state.describe_error(exc)}"[:1990]
         record.next_attempt_at = None
+    note = getattr(exc, "repair_note", None)
+    if kind == "long_term_archive_transfer" and note:
+        copy = session.scalar(
+            select(PhysicalCopy).where(
+                PhysicalCopy.raw_data_package_id == record.raw_data_package_id,
+                PhysicalCopy.data_location_id == record.origin_location_id,
+            )
+        )
+        if copy is not None:
+            copy.failure_reason = note[:1990]
+            copy.checksum_verified_at = now() if "repaired from" in note else None
+        _add_log(session, kind, record.id, "warning", note, None)
 
 
 def _on_permanent_failure(session: Session, kind: str, record: Any) -> None:
@@ -217,6 +230,22 @@ def _on_permanent_failure(session: Session, kind: str, record: Any) -> None:
 
 def _ref(loc: DataLocation) -> LocationRef:
     return LocationRef.from_orm(loc)
+
+
+def _ensure_space(ctx: Context, loc: LocationRef, needed: int) -> None:
+    """Refuse to start writing ``needed`` bytes into a full BUFFER (see movers.space)."""
+    if loc.location_type != "buffer":
+        return
+    cfg = ctx.settings
+    ensure_space(
+        loc,
+        needed,
+        min_free_bytes=cfg.buffer_min_free_bytes,
+        min_free_percent=cfg.buffer_min_free_percent,
+        retry_after_s=cfg.buffer_full_recheck_s,
+        part_max_age_s=cfg.part_file_max_age_s,
+        sweep_interval_s=cfg.part_sweep_interval_s,
+    )
 
 
 def _upsert_copy(
@@ -287,6 +316,8 @@ def create_raw_data_package(ctx: Context, package_id: int) -> Outcome:
             dest = buf.path(pkg.relative_path)
             buffer_id = buffer.id
             algorithm = str(pkg.checksum_algorithm)
+        # tar headers and the manifest on top of the bytes
+        _ensure_space(ctx, buf, sum(mb.size for mb in members) + 1024 * len(members) + 65536)
         result = packaging.build_package(
             dest, pkg.name, members, algorithm=algorithm, metadata=meta
         )
@@ -402,7 +433,8 @@ def transfer(ctx: Context, transfer_id: int) -> Outcome:
             src, dst = _ref(t.origin_location), _ref(t.destination_location)
             path, expected, algorithm = dtp.relative_path, dtp.checksum, dtp.checksum_algorithm
             method = str(t.method)
-            options = (t.route.options if t.route else None) or {}
+            options = routing.leg_options(s, t)
+        _ensure_space(ctx, dst, int(dtp.size or 0))
         mover = ctx.mover_factory(src, dst, method, options=options)
         result = mover.copy(
             src, path, dst, path, algorithm=str(algorithm), expected_checksum=expected
@@ -432,6 +464,7 @@ def transfer(ctx: Context, transfer_id: int) -> Outcome:
             _add_log(s, "data_transfer", transfer_id, "info", msg, log_path)
             routing.next_relay_leg(s, t)
             TASK_METRICS.bytes("data_transfer", result.bytes)
+            TASK_METRICS.route_bytes(src.site, dst.site, method, result.bytes)
             return msg
 
         return commit
@@ -460,6 +493,7 @@ def unpack(ctx: Context, transfer_id: int) -> Outcome:
             dest_id = t.destination_location_id
         if not tar_path.exists():
             raise UnpackError(f"{tar_path}: transfer package is not at {dst.label}")
+        _ensure_space(ctx, dst, tar_path.stat().st_size)
         result = packaging.extract_package(
             tar_path, root, expected_checksum=expected, algorithm=algorithm, nested=True
         )
@@ -510,7 +544,7 @@ def archive(ctx: Context, ltat_id: int) -> Outcome:
             assert a is not None
             pkg = a.raw_data_package
             src, dst = _ref(a.origin_location), _ref(a.destination_location)
-            path, expected = pkg.relative_path, pkg.checksum
+            path, expected, pkg_id = pkg.relative_path, pkg.checksum, pkg.id
             algorithm = str(pkg.checksum_algorithm)
             sidecar = sidecar_document(s, pkg)
             metadata = {
@@ -518,9 +552,20 @@ def archive(ctx: Context, ltat_id: int) -> Outcome:
                 "ccat-executed-obs-unit": str(pkg.executed_obs_unit_id),
             }
         mover = ctx.mover_factory(src, dst, None)
-        result = mover.copy(
-            src, path, dst, path, algorithm=algorithm, expected_checksum=expected, metadata=metadata
-        )
+        try:
+            result = mover.copy(
+                src,
+                path,
+                dst,
+                path,
+                algorithm=algorithm,
+                expected_checksum=expected,
+                metadata=metadata,
+            )
+        except ChecksumMismatchError as exc:
+            # the BUFFER copy may have rotted: check it, repair it from a good copy, retry
+            exc.repair_note = _repair_source_copy(ctx, pkg_id, src, path, expected, algorithm)  # type: ignore[attr-defined]
+            raise
         sidecar_path = path + ".meta.json"
         tmp_rel = f".sidecars/{uuid.uuid4().hex}.json"
         tmp_abs = src.path(tmp_rel)
@@ -565,6 +610,50 @@ def archive(ctx: Context, ltat_id: int) -> Outcome:
         return commit
 
     return _run(ctx, "long_term_archive_transfer", ltat_id, body)
+
+
+def _repair_source_copy(
+    ctx: Context,
+    pkg_id: int,
+    src: LocationRef,
+    path: str,
+    expected: str | None,
+    algorithm: str,
+) -> str | None:
+    """After a checksum mismatch while archiving: re-hash the source copy; if it is bad,
+    overwrite it from a good verified copy (BUFFERs first, then archives). Returns what was
+    found and done (None: the source is fine, the bytes went wrong on the way)."""
+    try:
+        actual = ctx.mover_factory(src, src, None).checksum(src, path, algorithm=algorithm)
+    except TransferSystemError as exc:
+        actual = f"unreadable ({exc})"
+    if actual == expected:
+        return None
+    with ctx.session() as s:
+        goods = [
+            (_ref(c.data_location), c.relative_path or path)
+            for c in s.scalars(
+                select(PhysicalCopy)
+                .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
+                .where(
+                    PhysicalCopy.raw_data_package_id == pkg_id,
+                    PhysicalCopy.data_location_id != src.id,
+                    PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                    PhysicalCopy.checksum == expected,
+                    PhysicalCopy.checksum_verified_at.is_not(None),
+                )
+                .order_by(DataLocation.location_type != "buffer", PhysicalCopy.id)
+            )
+        ]
+    bad = f"{src.label} copy of {path} is bad ({algorithm} {actual}, expected {expected})"
+    for good, good_path in goods:
+        try:
+            repair_copy(ctx, good, good_path, src, path, expected, algorithm)
+        except Exception as exc:  # try the next good copy
+            log.warning("repair of %s from %s failed: %s", path, good.label, exc)
+            continue
+        return f"{bad}: repaired from {good.label}"
+    return f"{bad}: no good copy to repair from"
 
 
 def sidecar_document(s: Session, pkg: RawDataPackage) -> dict[str, Any]:

@@ -171,6 +171,21 @@ def _new_leg(
     return leg
 
 
+def leg_options(session: Session, transfer: DataTransfer) -> dict:
+    """The mover options of one leg: a relay leg uses its hop's direct route (the same route
+    its method came from), every other leg its own route's options."""
+    route = transfer.route
+    if route is None:
+        return {}
+    origin = session.get(DataLocation, transfer.origin_location_id)
+    dest = session.get(DataLocation, transfer.destination_location_id)
+    if RouteType(route.route_type) == RouteType.RELAY and origin is not None and dest is not None:
+        hop = find_route(session, origin.site_id, dest.site_id)
+        if hop is not None and RouteType(hop.route_type) != RouteType.RELAY:
+            return dict(hop.options or {})
+    return dict(route.options or {})
+
+
 def create_primary_transfer(session: Session, dtp: DataTransferPackage) -> DataTransfer | None:
     """The one transfer that takes ``dtp`` off its site (None if it already exists)."""
     existing = session.scalar(

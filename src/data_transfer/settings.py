@@ -56,6 +56,21 @@ class TransferSettings(BaseSettings):
     # A SCHEDULED record whose task never started within this time is re-submitted.
     scheduled_timeout_s: float = Field(6 * 3600.0, gt=0)
 
+    # --- disk space in BUFFERs and partitions ------------------------------------------
+    # A worker writes a new package into a BUFFER only if, after writing it, at least this
+    # much stays free (the larger of the two); otherwise the record waits, without using up
+    # a retry, and is tried again after ``buffer_full_recheck_s``.
+    buffer_min_free_bytes: int = Field(0, ge=0)
+    buffer_min_free_percent: float = Field(0.0, ge=0, le=100)
+    buffer_full_recheck_s: float = Field(60.0, ge=0)
+    # Temporary ``*.part-*`` files older than this are left-overs of a killed writer: removed.
+    part_file_max_age_s: float = Field(24 * 3600.0, gt=0)
+    part_sweep_interval_s: float = Field(3600.0, ge=0)
+    # After ``max_retries`` a transfer that failed for a retryable storage or network reason
+    # (a partition, an unreachable host) keeps being tried, once per this many seconds,
+    # instead of being marked FAILED; 0 turns this off.
+    partition_retry_s: float = Field(3600.0, ge=0)
+
     # --- managers -----------------------------------------------------------------------
     manager_sleep_s: float = Field(30.0, ge=0)
     batch_size: int = Field(500, ge=1, description="items a manager handles per pass and kind")

@@ -28,6 +28,7 @@ from ccat_ops_db.models import (
 )
 
 from .errors import TransferSystemError
+from .movers.space import is_out_of_space
 from .settings import TransferSettings
 
 
@@ -122,6 +123,15 @@ def describe_error(exc: BaseException, log_path: str | None = None) -> str:
     return text[:1990]
 
 
+def _set_next_attempt(record: Any, k: Kind, when: dt.datetime) -> None:
+    # the unpack kind has no column of its own: its transfer's next_attempt_at is free by then
+    column = k.next_attempt_at
+    if column is None and hasattr(record, "next_attempt_at"):
+        column = "next_attempt_at"
+    if column:
+        setattr(record, column, when)
+
+
 def backoff_s(settings: TransferSettings, attempt: int) -> float:
     """Exponential back-off before attempt ``attempt + 1`` (bounded)."""
     return min(settings.retry_backoff_s * (2 ** max(attempt - 1, 0)), settings.retry_backoff_max_s)
@@ -142,6 +152,14 @@ def record_failure(
     """
     k = KINDS[kind]
     retryable = getattr(exc, "retryable", True) if isinstance(exc, TransferSystemError) else True
+    if retryable and is_out_of_space(exc):
+        # A full BUFFER is a condition to wait out, not a failed attempt: PENDING again,
+        # the reason says how much is free and needed, no retry used up.
+        setattr(record, k.failure_reason, describe_error(exc, log_path))
+        setattr(record, k.status, Status.PENDING)
+        wait = getattr(exc, "retry_after_s", settings.buffer_full_recheck_s)
+        _set_next_attempt(record, k, utcnow() + dt.timedelta(seconds=wait))
+        return False
     count = (getattr(record, k.retry_count) or 0) + 1
     setattr(record, k.retry_count, count)
     setattr(record, k.failure_reason, describe_error(exc, log_path))

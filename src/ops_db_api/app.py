@@ -16,6 +16,7 @@ from ccat_ops_db.db import make_engine
 from . import __version__
 from .errors import install_error_handlers
 from .fastpath import AsyncPgPool
+from .limits import BodyLimitMiddleware
 from .metrics import ApiMetrics, MetricsMiddleware
 from .routers import (
     archive,
@@ -31,6 +32,7 @@ from .routers import (
     transfers,
 )
 from .settings import ApiSettings
+from .ui import router as ui_router
 
 API_PREFIX = "/api/v1"
 log = logging.getLogger("ops_db_api")
@@ -117,13 +119,22 @@ def create_app(engine: Engine | None = None, settings: ApiSettings | None = None
     app.state.location_types = {}
     app.state.fast_pool = None  # set by the lifespan (PostgreSQL): the async filing path
     install_error_handlers(app)
+    # Inside the metrics middleware, so refused bodies (413/422) are counted too.
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics, prefix=API_PREFIX)
     # Routes are matched in the order they are included, one by one: the instruments' filing
     # routes (thousands of requests a minute) come first so they are found after a couple of
     # comparisons instead of thirty. The documentation keeps its order (OPENAPI_TAGS).
+    if settings.site_mode == "observatory":  # filings go to the local buffer (site/)
+        from .site import install_observatory
+
+        install_observatory(app, settings, API_PREFIX)  # its routes shadow the filing routes
     for module in (raw_data_files, executed_obs_units):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(health.router)
+    app.include_router(ui_router)  # the status page, /ui (see ops_db_api.ui)
     for module in (
         observatory,
         planning,

@@ -28,6 +28,8 @@ def serve(
     """Serve the API with uvicorn (database from the CCAT_OPS_DB_* settings)."""
     import uvicorn
 
+    from ccat_ops_db.logs import log_format, uvicorn_log_config
+
     s = ApiSettings()
     uvicorn.run(
         "ops_db_api.main:app",
@@ -35,6 +37,7 @@ def serve(
         port=port or s.port,
         workers=workers or s.workers,
         log_level=s.log_level,
+        log_config=uvicorn_log_config(log_format("json"), s.log_level),  # CCAT_LOG_FORMAT
         access_log=False,
         proxy_headers=True,
     )
@@ -50,6 +53,11 @@ def openapi() -> None:
     from .app import create_app
 
     typer.echo(json.dumps(create_app(engine=make_engine("sqlite://")).openapi(), indent=2))
+
+
+from .site.cli import buffer_app  # noqa: E402 - the observatory buffer (docs/site-mode.md)
+
+app.add_typer(buffer_app, name="buffer")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import datetime as dt
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -120,18 +121,23 @@ async def authenticate(
     now = dt.datetime.now(dt.UTC)
     mono = time.monotonic()
     client_ip = request.client.host if request.client else None
+    # At the observatory the ops database is a read-only replica: token use is not recorded
+    # there (a write would fail on a hot standby); the main site records its own.
+    touch_interval_s = (
+        math.inf if settings.site_mode == "observatory" else settings.token_touch_interval_s
+    )
     entry = cache.get(digest)
     if entry is not None and mono - entry.cached_at < settings.token_cache_ttl_s:
         if entry.expires_at is not None and entry.expires_at <= now:
             cache.pop(digest, None)
             raise ApiError(401, "token expired")
-        if mono - entry.touched_at >= settings.token_touch_interval_s:
+        if mono - entry.touched_at >= touch_interval_s:
             entry.touched_at = mono
             await run_in_threadpool(_touch, state.engine, entry.principal.token_id, now, client_ip)
         request.state.principal = entry.principal
         return entry.principal
     principal, expires_at = await run_in_threadpool(
-        _resolve, state.engine, digest, now, settings.token_touch_interval_s, client_ip
+        _resolve, state.engine, digest, now, touch_interval_s, client_ip
     )
     if settings.token_cache_ttl_s > 0:
         if len(cache) > 10_000:  # bounded: forget everything rather than grow
@@ -161,7 +167,9 @@ def _resolve(
         )
         expires_at = _aware(token.expires_at)
         last = _aware(token.last_used_at)
-    if last is None or (now - last).total_seconds() >= touch_interval_s:
+    if math.isfinite(touch_interval_s) and (
+        last is None or (now - last).total_seconds() >= touch_interval_s
+    ):
         _touch(engine, principal.token_id, now, client_ip)
     return principal, expires_at
 

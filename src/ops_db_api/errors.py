@@ -2,6 +2,8 @@
 
 422: bad input, with one entry per field; 404: unknown id; 409: conflict, naming the fields or
 items that differ. Database errors caused by input are mapped to 409/422, never to a 500.
+A database without the schema (never migrated, or downgraded) answers 503 "database not
+migrated" instead of a 500.
 """
 
 from __future__ import annotations
@@ -13,10 +15,33 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ops_db_api")
+
+#: PostgreSQL SQLSTATEs of a missing table/column/type: the schema is not (fully) there.
+_SCHEMA_MISSING_CODES = frozenset({"42P01", "42703", "42704", "3F000"})
+NOT_MIGRATED = "database not migrated: run `ccat-ops-db migrate` (see /readyz)"
+
+
+def schema_missing(exc: BaseException) -> bool:
+    """True if a database error says a table or column does not exist (an unmigrated schema)."""
+    orig = getattr(exc, "orig", None) or exc
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code in _SCHEMA_MISSING_CODES:
+        return True
+    text = str(orig).lower()
+    return "no such table" in text or "no such column" in text  # SQLite
+
+
+def _not_migrated(exc: BaseException) -> JSONResponse:
+    log.error("database not migrated: %s", str(getattr(exc, "orig", exc)).splitlines()[0])
+    return JSONResponse(
+        {"detail": NOT_MIGRATED, "errors": []},
+        status_code=503,
+        headers={"Retry-After": "30"},
+    )
 
 
 class ErrorItem(BaseModel):
@@ -112,8 +137,17 @@ def install_error_handlers(app: FastAPI) -> None:
         reason = str(exc.orig).splitlines()[0] if exc.orig else "invalid value"
         return JSONResponse({"detail": f"invalid value: {reason}", "errors": []}, status_code=422)
 
+    @app.exception_handler(ProgrammingError)
+    async def _programming(_: Request, exc: ProgrammingError) -> JSONResponse:
+        if schema_missing(exc):
+            return _not_migrated(exc)
+        log.error("database programming error", exc_info=exc)
+        return JSONResponse({"detail": "internal server error", "errors": []}, status_code=500)
+
     @app.exception_handler(OperationalError)
     async def _operational(_: Request, exc: OperationalError) -> JSONResponse:
+        if schema_missing(exc):  # SQLite reports a missing table as an OperationalError
+            return _not_migrated(exc)
         log.error("database unavailable: %s", str(exc.orig).splitlines()[0] if exc.orig else exc)
         return JSONResponse(
             {"detail": "database unavailable, retry later", "errors": []},

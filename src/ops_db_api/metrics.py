@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ccat_ops_db.logs import pop_context, push_context
 
 
 class ApiMetrics:
@@ -53,7 +56,9 @@ class ApiMetrics:
 
 
 class MetricsMiddleware:
-    """Pure ASGI middleware: counts and times every HTTP request by its route template."""
+    """Pure ASGI middleware: counts and times every HTTP request by its route template, and
+    puts ``request_id`` (``X-Request-ID`` or a random one), method and path on every log record
+    written while the request runs."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics, prefix: str = "/api/v1") -> None:
         self.app = app
@@ -66,6 +71,17 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = {"code": 500}
+        # every log record written while this request runs names it (see ccat_ops_db.logs)
+        request_id = None
+        for name, value in scope.get("headers") or ():
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")[:64]
+                break
+        log_token = push_context(
+            request_id=request_id or secrets.token_hex(6),
+            http_method=scope.get("method"),
+            http_path=scope.get("path"),
+        )
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -75,6 +91,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            pop_context(log_token)
             route: Any = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             # Routers included with a prefix report their own path: put the prefix back.

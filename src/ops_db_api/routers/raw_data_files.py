@@ -106,8 +106,11 @@ def _file_one_checked(
             try:
                 rows, _unchanged = file_rows(db, [body], who.token_id)
             except ApiError as exc:
-                if len(exc.errors) == 1 and exc.status_code == 409:  # one file: say it plainly
+                if len(exc.errors) == 1 and exc.status_code in (409, 422):  # one file: plainly
                     exc.detail = exc.errors[0]["msg"]
+                for err in exc.errors:  # one file, not a bulk: ["files", 0, f] -> ["body", f]
+                    if list(err.get("loc", ())[:2]) == ["files", 0]:
+                        err["loc"] = ["body", *err["loc"][2:]]
                 raise
             if rows:
                 try:

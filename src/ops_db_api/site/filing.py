@@ -1,0 +1,283 @@
+"""Filing at the observatory: validate against the local replica, then buffer durably.
+
+The same rules as on the main site, checked as far as the observatory can see: a UUID filed
+again with the same content answers 200, with other content 409 naming the fields; a bulk
+request is all-or-nothing. What only the main site can know (a conflict with a write that
+reached Cologne by another way) shows up at replay and is parked there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from ccat_ops_db.enums import LocationType
+from ccat_ops_db.models import DataLocation, ExecutedObsUnit, InstrumentModule, RawDataFile
+
+from ..errors import ApiError
+from ..filing import FILE_FIELDS, differing_fields
+from ..schemas.filing import ExecutedObsUnitFinish, ExecutedObsUnitStart, RawDataFileIn
+from .buffer import SiteBuffer
+
+log = logging.getLogger("ops_db_api.site")
+
+START_FIELDS = (
+    "obs_unit_id",
+    "instrument_id",
+    "start_time",
+    "mean_pwv_mm",
+    "mean_elevation_deg",
+    "conditions",
+    "comment",
+)
+
+
+def _payload_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _conflict(what: str, item_id: uuid.UUID, fields: list[str], loc: list[Any]) -> dict[str, Any]:
+    return {
+        "loc": loc,
+        "msg": f"{what} {item_id} was filed with other values: {', '.join(fields)}",
+        "type": "conflict",
+        "fields": fields,
+    }
+
+
+def buffer_files(
+    replica: Engine, buffer: SiteBuffer, files: list[RawDataFileIn], token_id: int | None
+) -> tuple[int, int]:
+    """Validate ``files`` and buffer the new ones in one transaction; returns (new, unchanged).
+
+    Raises :class:`ApiError` 422/409 listing every rejected item before anything is written.
+    """
+    payloads = [f.model_dump(mode="json") for f in files]
+    wanted = [f.model_dump() for f in files]
+    errors: list[dict[str, Any]] = []
+    first: dict[uuid.UUID, int] = {}
+    paths: dict[tuple[int, str], int] = {}
+    for i, f in enumerate(files):
+        j = first.setdefault(f.id, i)
+        if j != i and payloads[j] != payloads[i]:
+            errors.append(
+                {"loc": ["files", i, "id"], "msg": f"same id as item {j} with other content"}
+            )
+        k = paths.setdefault((f.source_location_id, f.relative_path), i)
+        if k != i and files[k].id != f.id:
+            errors.append({"loc": ["files", i, "relative_path"], "msg": f"same path as item {k}"})
+    ids = list(first)
+    with Session(replica) as db:
+        modules = set(
+            db.scalars(
+                select(InstrumentModule.id).where(
+                    InstrumentModule.id.in_({f.instrument_module_id for f in files})
+                )
+            )
+        )
+        locations = dict(
+            db.execute(
+                select(DataLocation.id, DataLocation.location_type).where(
+                    DataLocation.id.in_({f.source_location_id for f in files})
+                )
+            ).all()
+        )
+        eou_ids = {f.executed_obs_unit_id for f in files}
+        eous = set(db.scalars(select(ExecutedObsUnit.id).where(ExecutedObsUnit.id.in_(eou_ids))))
+        in_replica: dict[uuid.UUID, RawDataFile] = {}
+        for n in range(0, len(ids), 5000):
+            for row in db.scalars(select(RawDataFile).where(RawDataFile.id.in_(ids[n : n + 5000]))):
+                in_replica[row.id] = row
+                db.expunge(row)
+    with buffer.engine.begin() as conn:
+        eous |= set(buffer.existing(conn, "eou_start", eou_ids - eous))
+        for i, f in enumerate(files):
+            if f.instrument_module_id not in modules:
+                errors.append(
+                    {
+                        "loc": ["files", i, "instrument_module_id"],
+                        "msg": f"instrument module {f.instrument_module_id} does not exist",
+                    }
+                )
+            if f.executed_obs_unit_id not in eous:
+                errors.append(
+                    {
+                        "loc": ["files", i, "executed_obs_unit_id"],
+                        "msg": f"executed obs unit {f.executed_obs_unit_id} does not exist "
+                        "(start it first)",
+                    }
+                )
+            loc_type = locations.get(f.source_location_id)
+            if loc_type is None:
+                errors.append(
+                    {
+                        "loc": ["files", i, "source_location_id"],
+                        "msg": f"data location {f.source_location_id} does not exist",
+                    }
+                )
+            elif loc_type != LocationType.SOURCE:
+                errors.append(
+                    {
+                        "loc": ["files", i, "source_location_id"],
+                        "msg": f"data location {f.source_location_id} is a {loc_type.value} "
+                        "location, not a source",
+                    }
+                )
+        if errors:
+            raise ApiError(422, f"{len(errors)} item(s) rejected", errors)
+        in_buffer = buffer.existing(conn, "file", [i for i in ids if i not in in_replica])
+        new: list[tuple[uuid.UUID, dict[str, Any]]] = []
+        unchanged = 0
+        for i, f in enumerate(files):
+            if first[f.id] != i:
+                continue
+            if f.id in in_replica:
+                diff = differing_fields(in_replica[f.id], wanted[i], FILE_FIELDS)
+            elif f.id in in_buffer:
+                diff = _payload_diff(in_buffer[f.id].payload, payloads[i])
+            else:
+                new.append((f.id, payloads[i]))
+                continue
+            if diff:
+                errors.append(_conflict("file", f.id, diff, ["files", i]))
+            else:
+                unchanged += 1
+        if errors:
+            raise ApiError(409, f"{len(errors)} item(s) conflict with filed values", errors)
+        inserted = buffer.insert_new(conn, "file", new, token_id)
+        if inserted != len(new):
+            # a concurrent request buffered some of the same ids: check everything again
+            raise _RacedError()
+    log.info(
+        "buffered raw data files",
+        extra={"buffered": len(new), "unchanged": unchanged, "token_id": token_id},
+    )
+    return len(new), unchanged
+
+
+class _RacedError(Exception):
+    """Another request buffered one of the same ids between the check and the insert."""
+
+
+def with_retry(fn: Any, *args: Any) -> Any:
+    """Run a buffering function, once more if it raced with a concurrent request."""
+    try:
+        return fn(*args)
+    except _RacedError:
+        return fn(*args)
+
+
+def buffer_start(
+    replica: Engine, buffer: SiteBuffer, body: ExecutedObsUnitStart, token_id: int | None
+) -> bool:
+    """Buffer the start of an observation; True if new, False if already filed as-is."""
+    from ccat_ops_db.models import Instrument, ObsUnit
+
+    payload = body.model_dump(mode="json")
+    wanted = body.model_dump()
+    with Session(replica) as db:
+        existing = db.get(ExecutedObsUnit, body.id)
+        if existing is not None:
+            diff = differing_fields(existing, wanted, START_FIELDS)
+            if diff:
+                raise _start_conflict(body.id, diff)
+            return False
+        errors = []
+        if body.obs_unit_id is not None and db.get(ObsUnit, body.obs_unit_id) is None:
+            errors.append(
+                {
+                    "loc": ["body", "obs_unit_id"],
+                    "msg": f"obs unit {body.obs_unit_id} does not exist",
+                }
+            )
+        if body.instrument_id is not None and db.get(Instrument, body.instrument_id) is None:
+            errors.append(
+                {
+                    "loc": ["body", "instrument_id"],
+                    "msg": f"instrument {body.instrument_id} does not exist",
+                }
+            )
+        if errors:
+            raise ApiError(422, "unknown references", errors)
+    with buffer.engine.begin() as conn:
+        old = buffer.existing(conn, "eou_start", [body.id]).get(body.id)
+        if old is not None:
+            diff = _payload_diff(old.payload, payload)
+            if diff:
+                raise _start_conflict(body.id, diff)
+            return False
+        if buffer.insert_new(conn, "eou_start", [(body.id, payload)], token_id) != 1:
+            raise _RacedError()
+    log.info("buffered obs unit start", extra={"executed_obs_unit_id": str(body.id)})
+    return True
+
+
+def _start_conflict(eou_id: uuid.UUID, diff: list[str]) -> ApiError:
+    return ApiError(
+        409,
+        f"executed obs unit {eou_id} was started with other values: {', '.join(diff)}",
+        [
+            {"loc": ["body", f], "msg": "differs from the filed value", "type": "conflict"}
+            for f in diff
+        ],
+    )
+
+
+def buffer_finish(
+    replica: Engine,
+    buffer: SiteBuffer,
+    eou_id: uuid.UUID,
+    body: ExecutedObsUnitFinish,
+    token_id: int | None,
+) -> bool:
+    """Buffer the end of an observation; True if new, False if already finished as-is."""
+    payload = body.model_dump(mode="json", exclude_none=True)
+    values = body.model_dump(exclude_none=True)
+    with Session(replica) as db:
+        eou = db.get(ExecutedObsUnit, eou_id)
+        start_time = eou.start_time if eou is not None else None
+        if eou is not None and eou.end_time is not None:
+            diff = differing_fields(eou, values, list(values))
+            if diff:
+                raise _finish_conflict(eou_id, diff)
+            return False
+    with buffer.engine.begin() as conn:
+        if start_time is None:
+            started = buffer.existing(conn, "eou_start", [eou_id]).get(eou_id)
+            if started is None:
+                raise ApiError(404, f"executed obs unit {eou_id} not found")
+            start_time = dt.datetime.fromisoformat(started.payload["start_time"])
+        if start_time.tzinfo is None:
+            start_time = start_time.replace(tzinfo=dt.UTC)
+        if body.end_time < start_time:
+            raise ApiError(
+                422,
+                "end_time is before start_time",
+                [{"loc": ["body", "end_time"], "msg": f"before start_time {start_time}"}],
+            )
+        old = buffer.existing(conn, "eou_finish", [eou_id]).get(eou_id)
+        if old is not None:
+            diff = _payload_diff(old.payload, payload)
+            if diff:
+                raise _finish_conflict(eou_id, diff)
+            return False
+        if buffer.insert_new(conn, "eou_finish", [(eou_id, payload)], token_id) != 1:
+            raise _RacedError()
+    log.info("buffered obs unit finish", extra={"executed_obs_unit_id": str(eou_id)})
+    return True
+
+
+def _finish_conflict(eou_id: uuid.UUID, diff: list[str]) -> ApiError:
+    return ApiError(
+        409,
+        f"executed obs unit {eou_id} was finished with other values: {', '.join(diff)}",
+        [
+            {"loc": ["body", f], "msg": "differs from the filed value", "type": "conflict"}
+            for f in diff
+        ],
+    )

@@ -1,0 +1,1 @@
+"""The security suite: authorization, body limits, fuzzing, injection, supply chain."""

@@ -1,0 +1,1 @@
+"""Tests of the observatory site mode (buffer + replay)."""
