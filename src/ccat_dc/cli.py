@@ -66,6 +66,10 @@ def _start(home: Path, fresh: bool) -> LocalDataCenter:
     with console.status("starting the API, three site workers and the managers ..."):
         dc.start_services()
     console.print(f"API       {dc.api_url}  (docs: {dc.api_url}/docs)", highlight=False)
+    console.print(
+        f"status    {dc.api_url}/ui  (sign in with a read-scope token: docs/observability.md)",
+        highlight=False,
+    )
     console.print(f"logs      {dc.home / 'logs'}", highlight=False)
     return dc
 
