@@ -66,6 +66,42 @@ def differing_fields(existing: Any, wanted: dict[str, Any], fields: Sequence[str
     return [f for f in fields if f in wanted and not same_value(getattr(existing, f), wanted[f])]
 
 
+def source_location_error(
+    i: int, location_id: int, loc_type: LocationType | None
+) -> dict[str, Any] | None:
+    """The error of item ``i`` whose source location is unknown or not a SOURCE, else None."""
+    if loc_type is None:
+        return {
+            "loc": ["files", i, "source_location_id"],
+            "msg": f"data location {location_id} does not exist",
+        }
+    if loc_type != LocationType.SOURCE:
+        return {
+            "loc": ["files", i, "source_location_id"],
+            "msg": f"data location {location_id} is a {loc_type.value} location, not a source",
+        }
+    return None
+
+
+def check_obs_unit_references(
+    db: Session, obs_unit_id: int | None, instrument_id: int | None
+) -> None:
+    """422 naming each reference of an executed obs unit that does not exist."""
+    from ccat_ops_db.models import Instrument, ObsUnit
+
+    errors = []
+    if obs_unit_id is not None and db.get(ObsUnit, obs_unit_id) is None:
+        errors.append(
+            {"loc": ["body", "obs_unit_id"], "msg": f"obs unit {obs_unit_id} does not exist"}
+        )
+    if instrument_id is not None and db.get(Instrument, instrument_id) is None:
+        errors.append(
+            {"loc": ["body", "instrument_id"], "msg": f"instrument {instrument_id} does not exist"}
+        )
+    if errors:
+        raise ApiError(422, "unknown references", errors)
+
+
 def _chunks(items: list[Any], n: int = CHUNK) -> list[list[Any]]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
@@ -147,22 +183,11 @@ def file_rows(
                     "(start it first)",
                 }
             )
-        loc_type = locations.get(w["source_location_id"])
-        if loc_type is None:
-            errors.append(
-                {
-                    "loc": ["files", i, "source_location_id"],
-                    "msg": f"data location {w['source_location_id']} does not exist",
-                }
-            )
-        elif loc_type != LocationType.SOURCE:
-            errors.append(
-                {
-                    "loc": ["files", i, "source_location_id"],
-                    "msg": f"data location {w['source_location_id']} is a {loc_type.value} "
-                    "location, not a source",
-                }
-            )
+        bad = source_location_error(
+            i, w["source_location_id"], locations.get(w["source_location_id"])
+        )
+        if bad is not None:
+            errors.append(bad)
     if errors:
         raise ApiError(422, f"{len(errors)} item(s) rejected", errors)
 

@@ -11,11 +11,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from ccat_ops_db.enums import ExecutionStatus
-from ccat_ops_db.models import ExecutedObsUnit, Instrument, ObsUnit
+from ccat_ops_db.models import ExecutedObsUnit
 
 from ..deps import DB, Filer, Paging, Reader, audit, paginate
 from ..errors import ERROR_RESPONSES, ApiError, ErrorBody, not_found
-from ..filing import differing_fields, same_value
+from ..filing import check_obs_unit_references, differing_fields, same_value
 from ..schemas.common import Page
 from ..schemas.filing import ExecutedObsUnitFinish, ExecutedObsUnitOut, ExecutedObsUnitStart
 
@@ -62,20 +62,7 @@ def start(
             )
         response.status_code = 200
         return existing
-    errors = []
-    if body.obs_unit_id is not None and db.get(ObsUnit, body.obs_unit_id) is None:
-        errors.append(
-            {"loc": ["body", "obs_unit_id"], "msg": f"obs unit {body.obs_unit_id} does not exist"}
-        )
-    if body.instrument_id is not None and db.get(Instrument, body.instrument_id) is None:
-        errors.append(
-            {
-                "loc": ["body", "instrument_id"],
-                "msg": f"instrument {body.instrument_id} does not exist",
-            }
-        )
-    if errors:
-        raise ApiError(422, "unknown references", errors)
+    check_obs_unit_references(db, body.obs_unit_id, body.instrument_id)
     eou = ExecutedObsUnit(
         **wanted, status=ExecutionStatus.RUNNING, created_by_token_id=who.token_id
     )

@@ -16,11 +16,15 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from ccat_ops_db.enums import LocationType
 from ccat_ops_db.models import DataLocation, ExecutedObsUnit, InstrumentModule, RawDataFile
 
 from ..errors import ApiError
-from ..filing import FILE_FIELDS, differing_fields
+from ..filing import (
+    FILE_FIELDS,
+    check_obs_unit_references,
+    differing_fields,
+    source_location_error,
+)
 from ..schemas.filing import ExecutedObsUnitFinish, ExecutedObsUnitStart, RawDataFileIn
 from .buffer import SiteBuffer
 
@@ -112,22 +116,11 @@ def buffer_files(
                         "(start it first)",
                     }
                 )
-            loc_type = locations.get(f.source_location_id)
-            if loc_type is None:
-                errors.append(
-                    {
-                        "loc": ["files", i, "source_location_id"],
-                        "msg": f"data location {f.source_location_id} does not exist",
-                    }
-                )
-            elif loc_type != LocationType.SOURCE:
-                errors.append(
-                    {
-                        "loc": ["files", i, "source_location_id"],
-                        "msg": f"data location {f.source_location_id} is a {loc_type.value} "
-                        "location, not a source",
-                    }
-                )
+            bad = source_location_error(
+                i, f.source_location_id, locations.get(f.source_location_id)
+            )
+            if bad is not None:
+                errors.append(bad)
         if errors:
             raise ApiError(422, f"{len(errors)} item(s) rejected", errors)
         in_buffer = buffer.existing(conn, "file", [i for i in ids if i not in in_replica])
@@ -176,8 +169,6 @@ def buffer_start(
     replica: Engine, buffer: SiteBuffer, body: ExecutedObsUnitStart, token_id: int | None
 ) -> bool:
     """Buffer the start of an observation; True if new, False if already filed as-is."""
-    from ccat_ops_db.models import Instrument, ObsUnit
-
     payload = body.model_dump(mode="json")
     wanted = body.model_dump()
     with Session(replica) as db:
@@ -187,23 +178,7 @@ def buffer_start(
             if diff:
                 raise _start_conflict(body.id, diff)
             return False
-        errors = []
-        if body.obs_unit_id is not None and db.get(ObsUnit, body.obs_unit_id) is None:
-            errors.append(
-                {
-                    "loc": ["body", "obs_unit_id"],
-                    "msg": f"obs unit {body.obs_unit_id} does not exist",
-                }
-            )
-        if body.instrument_id is not None and db.get(Instrument, body.instrument_id) is None:
-            errors.append(
-                {
-                    "loc": ["body", "instrument_id"],
-                    "msg": f"instrument {body.instrument_id} does not exist",
-                }
-            )
-        if errors:
-            raise ApiError(422, "unknown references", errors)
+        check_obs_unit_references(db, body.obs_unit_id, body.instrument_id)
     with buffer.engine.begin() as conn:
         old = buffer.existing(conn, "eou_start", [body.id]).get(body.id)
         if old is not None:
