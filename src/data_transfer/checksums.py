@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from .errors import ConfigurationError
+from .pagecache import DropBehindReader
 
 #: Read/write block size for streamed copies and hashing (1 MiB: large enough for throughput,
 #: small enough to keep memory flat with many parallel copies).
@@ -70,6 +71,10 @@ def hash_stream(stream: BinaryIO, algorithm: str = "sha256") -> tuple[str, int]:
 
 
 def hash_file(path: str | Path, algorithm: str = "sha256") -> tuple[str, int]:
-    """Hash a file; return ``(hexdigest, size)``."""
+    """Hash a file; return ``(hexdigest, size)``. What it reads leaves the page cache."""
     with open(path, "rb", buffering=0) as f:
-        return hash_stream(f, algorithm)
+        reader = DropBehindReader(f)
+        try:
+            return hash_stream(reader, algorithm)  # type: ignore[arg-type]
+        finally:
+            reader.done()

@@ -76,6 +76,7 @@ from typing import Any, BinaryIO
 
 from .checksums import ALGORITHMS, CHUNK, Hasher, new_hasher
 from .errors import ChecksumMismatchError, PackageError, UnpackError
+from .pagecache import DropBehindReader, WriteBehindFile
 
 __all__ = [
     "FORMAT",
@@ -497,8 +498,8 @@ def build_package(
     part = dest.with_name(f"{dest.name}.part-{secrets.token_hex(6)}")
     entries: list[ManifestEntry] = []
     try:
-        with open(part, "xb") as out:
-            writer = HashingWriter(out, algorithm, progress=progress)
+        with WriteBehindFile(open(part, "xb"), window=None if fsync else 0) as out:
+            writer = HashingWriter(out, algorithm, progress=progress)  # type: ignore[arg-type]
             with tarfile.open(
                 fileobj=writer,  # type: ignore[arg-type]
                 mode="w",
@@ -516,9 +517,7 @@ def build_package(
                     entries.append(_add_member(tar, m))
                 if not manifest_first:
                     _add_manifest(tar, manifest_for(entries), manifest_mtime)
-            out.flush()
-            if fsync:
-                os.fsync(out.fileno())
+            out.sync(fsync=fsync)
         os.replace(part, dest)
         if fsync:
             _fsync_dir(dest.parent)
@@ -582,10 +581,12 @@ def _add_member(tar: tarfile.TarFile, m: Member) -> ManifestEntry:
             raise PackageError(
                 f"{m.source}: size is {st.st_size}, {m.size} was filed (member {m.arcname})"
             )
-        reader = HashingReader(src, algorithm)
+        dropping = DropBehindReader(src)
+        reader = HashingReader(dropping, algorithm)  # type: ignore[arg-type]
         info = _tarinfo(m.arcname, m.size, int(st.st_mtime), algorithm)
         try:
             tar.addfile(info, reader)  # type: ignore[arg-type]
+            dropping.done()
         except OSError as exc:
             # tarfile raises OSError("unexpected end of data") when the source comes up short;
             # any other OSError (a read or write failing) is passed on as it is.
@@ -775,7 +776,9 @@ def _open_source(source: Path | str | BinaryIO, stack: ExitStack) -> tuple[Binar
             raw = stack.enter_context(open(source, "rb", buffering=0))  # noqa: SIM115
         except OSError as exc:
             raise UnpackError(f"{source}: cannot open: {exc}") from exc
-        return raw, str(source)
+        reader = DropBehindReader(raw)
+        stack.callback(reader.done)
+        return reader, str(source)  # type: ignore[return-value]
     name = getattr(source, "name", None)
     return source, name if isinstance(name, str) and name else "<stream>"
 
@@ -1134,14 +1137,12 @@ class _Staging:
         if final.is_dir() and not final.is_symlink():
             raise UnpackError(f"{final}: a directory is in the way of member {name}")
         part = final.with_name(f"{final.name}.part-{secrets.token_hex(6)}")
-        fobj = open(part, "xb")  # noqa: SIM115 - closed by the caller
+        fobj = WriteBehindFile(open(part, "xb"), window=None if self.fsync else 0)  # noqa: SIM115 - closed by the caller
         self.parts.append((part, final))
-        return fobj
+        return fobj  # type: ignore[return-value]
 
     def finish(self, fobj: BinaryIO) -> None:
-        fobj.flush()
-        if self.fsync:
-            os.fsync(fobj.fileno())
+        fobj.sync(fsync=self.fsync)  # type: ignore[attr-defined]
 
     def _make_parents(self, name: str) -> None:
         """Create the member's parent directories, refusing to write through a symlink."""

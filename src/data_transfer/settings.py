@@ -56,6 +56,11 @@ class TransferSettings(BaseSettings):
     # A SCHEDULED record whose task never started within this time is re-submitted.
     scheduled_timeout_s: float = Field(6 * 3600.0, gt=0)
 
+    # Streamed copies write behind and drop behind in windows of this many MiB, so a 50 GB
+    # package never fills the page cache (data_transfer.pagecache reads the same variable);
+    # 0 leaves caching to the kernel.
+    write_behind_mb: int = Field(32, ge=0)
+
     # --- disk space in BUFFERs and partitions ------------------------------------------
     # A worker writes a new package into a BUFFER only if, after writing it, at least this
     # much stays free (the larger of the two); otherwise the record waits, without using up

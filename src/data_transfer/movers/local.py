@@ -32,6 +32,7 @@ from ..errors import (
     StorageError,
 )
 from ..locations import LocationRef
+from ..pagecache import DropBehindReader, WriteBehind
 from .base import CopyResult, Progress
 
 #: How often (seconds) a long copy calls its ``progress`` callback.
@@ -277,10 +278,12 @@ def stream_into(
     ticker: ProgressTicker | None = None,
     start: int = 0,
     where: str = "source",
+    behind: WriteBehind | None = None,
 ) -> int:
     """Copy ``reader`` to file descriptor ``fd`` in blocks, hashing each block once.
 
     ``reader`` needs ``readinto`` (files) or ``read`` (HTTP bodies). Returns bytes copied.
+    ``behind`` (see :mod:`data_transfer.pagecache`) is told of every write.
     """
     buf = bytearray(chunk_size)
     view = memoryview(buf)
@@ -303,6 +306,8 @@ def stream_into(
         while block:
             written = os.write(fd, block)
             block = block[written:]
+        if behind is not None:
+            behind.wrote(got)
         done += got
         if ticker is not None:
             ticker(done)
@@ -337,10 +342,12 @@ def write_verified(
         raise storage_error(exc, f"creating {tmp} at {dst_label}") from exc
     try:
         try:
+            behind = WriteBehind(fd)
             nbytes = stream_into(
-                reader, fd, hasher, chunk_size=chunk_size, ticker=ticker, where=where
+                reader, fd, hasher, chunk_size=chunk_size, ticker=ticker, where=where, behind=behind
             )
             os.fsync(fd)
+            behind.finished()
         finally:
             os.close(fd)
         ticker(nbytes, final=True)
@@ -385,10 +392,11 @@ def copy_file_verified(
         if hasattr(os, "posix_fadvise"):
             with contextlib.suppress(OSError):
                 os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        reader = DropBehindReader(fin)
         try:
             return write_verified(
                 target,
-                fin,
+                reader,
                 algorithm=algorithm,
                 expected=expected,
                 where=where,
@@ -399,6 +407,8 @@ def copy_file_verified(
             )
         except OSError as exc:  # read errors on the source
             raise storage_error(exc, f"reading {where}") from exc
+        finally:
+            reader.done()
 
 
 def check_existing_local(
