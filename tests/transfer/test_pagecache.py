@@ -62,7 +62,7 @@ def test_write_behind_keeps_bytes_and_drops_pages(tmp_path: Path) -> None:
     data = os.urandom(48 * MIB + 12345)
     kept, dropped = tmp_path / "kept.bin", tmp_path / "dropped.bin"
     for path, window in ((kept, 0), (dropped, 4 * MIB)):
-        with pagecache.WriteBehindFile(open(path, "xb"), window=window) as out:  # noqa: SIM115
+        with pagecache.WriteBehindFile(open(path, "xb"), window=window) as out:
             view = memoryview(data)
             while view:  # odd-sized writes, as tarfile makes them
                 out.write(view[: 3 * MIB + 17])
