@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
+from .pagecache import DEFAULT_WINDOW_MB
 
 ENV_PREFIX = "CCAT_TRANSFER_"
 
@@ -59,7 +60,7 @@ class TransferSettings(BaseSettings):
     # Streamed copies write behind and drop behind in windows of this many MiB, so a 50 GB
     # package never fills the page cache (data_transfer.pagecache reads the same variable);
     # 0 leaves caching to the kernel.
-    write_behind_mb: int = Field(32, ge=0)
+    write_behind_mb: int = Field(DEFAULT_WINDOW_MB, ge=0)
 
     # --- disk space in BUFFERs and partitions ------------------------------------------
     # A worker writes a new package into a BUFFER only if, after writing it, at least this

@@ -46,6 +46,18 @@ FILE_FIELDS = (
 CHUNK = 2000  # rows per IN (...) lookup / per INSERT batch
 
 
+#: The fields of an executed obs unit's start; a repeated start must match them.
+START_FIELDS = (
+    "obs_unit_id",
+    "instrument_id",
+    "start_time",
+    "mean_pwv_mm",
+    "mean_elevation_deg",
+    "conditions",
+    "comment",
+)
+
+
 def same_value(a: Any, b: Any) -> bool:
     """Compare a stored value with an input value (timezone-naive SQLite datetimes too)."""
     if isinstance(a, dt.datetime) and isinstance(b, dt.datetime):

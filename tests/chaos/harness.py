@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import LocationType, PackageState, PhysicalCopyStatus, Status
 from data_transfer.deletion import packages_held
-from tests.transfer.stack import Stack, make_stack
+from tests.transfer.stack import Stack, live_upstream_copies, make_stack, unarchived_files
 from tests.transfer.test_pipeline import check_archive_bytes
 
 #: Settings of every chaos run: lost work comes back in seconds, nothing waits for more data.
@@ -247,24 +247,8 @@ def all_archived(cs: ChaosStack, files: int) -> Callable[[], bool]:
     def done() -> bool:
         with Session(cs.stack.engine) as s:
             n = s.scalar(select(func.count()).select_from(m.RawDataFile))
-            unarchived = s.scalar(
-                select(func.count())
-                .select_from(m.RawDataFile)
-                .outerjoin(m.RawDataPackage)
-                .where(
-                    (m.RawDataFile.raw_data_package_id.is_(None))
-                    | (m.RawDataPackage.state != PackageState.ARCHIVED)
-                )
-            )
-            live_upstream = s.scalar(
-                select(func.count())
-                .select_from(m.PhysicalCopy)
-                .join(m.DataLocation)
-                .where(
-                    m.DataLocation.location_type.in_([LocationType.SOURCE, LocationType.BUFFER]),
-                    m.PhysicalCopy.status != PhysicalCopyStatus.DELETED,
-                )
-            )
+            unarchived = unarchived_files(s)
+            live_upstream = live_upstream_copies(s)
             return n == files and unarchived == 0 and live_upstream == 0
 
     return done

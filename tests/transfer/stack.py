@@ -25,17 +25,49 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
-from ccat_ops_db.enums import ExecutionStatus, PhysicalCopyStatus
+from ccat_ops_db.enums import ExecutionStatus, LocationType, PackageState, PhysicalCopyStatus
 from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.seed import default_topology_path, seed_file
 from tests.transfer.servers import S3Server
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[2]
+
+
+def unarchived_files(s: Session) -> int:
+    """Files not yet in an ARCHIVED raw data package (packaged or not)."""
+    return (
+        s.scalar(
+            select(func.count())
+            .select_from(m.RawDataFile)
+            .outerjoin(m.RawDataPackage)
+            .where(
+                (m.RawDataFile.raw_data_package_id.is_(None))
+                | (m.RawDataPackage.state != PackageState.ARCHIVED)
+            )
+        )
+        or 0
+    )
+
+
+def live_upstream_copies(s: Session) -> int:
+    """Copies at SOURCE or BUFFER locations that are not DELETED."""
+    return (
+        s.scalar(
+            select(func.count())
+            .select_from(m.PhysicalCopy)
+            .join(m.DataLocation)
+            .where(
+                m.DataLocation.location_type.in_([LocationType.SOURCE, LocationType.BUFFER]),
+                m.PhysicalCopy.status != PhysicalCopyStatus.DELETED,
+            )
+        )
+        or 0
+    )
 
 
 def free_port() -> int:

@@ -27,7 +27,13 @@ from ccat_ops_db.enums import LocationType, PackageState, PhysicalCopyStatus, St
 from data_transfer.celery_app import CeleryDispatcher, make_celery
 from data_transfer.heartbeat import RedisHeartbeats
 from data_transfer.managers import MANAGERS, run_pass
-from tests.transfer.stack import RedisServer, Stack, make_stack, transfer_settings
+from tests.transfer.stack import (
+    RedisServer,
+    Stack,
+    live_upstream_copies,
+    make_stack,
+    transfer_settings,
+)
 from tests.transfer.test_pipeline import check_archive_bytes
 
 
@@ -90,15 +96,7 @@ def test_celery_workers_move_files_to_archives_stage_and_clean_up(celery_stack: 
                 .join(m.DataLocation)
                 .where(m.DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)
             )
-            live_upstream = s.scalar(
-                select(func.count())
-                .select_from(m.PhysicalCopy)
-                .join(m.DataLocation)
-                .where(
-                    m.DataLocation.location_type.in_([LocationType.SOURCE, LocationType.BUFFER]),
-                    m.PhysicalCopy.status != PhysicalCopyStatus.DELETED,
-                )
-            )
+            live_upstream = live_upstream_copies(s)
             return lta == 4 and live_upstream == 0
 
     drive(st, all_archived_and_cleaned)

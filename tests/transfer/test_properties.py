@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
-from ccat_ops_db.enums import LocationType, PackageState, PhysicalCopyStatus
+from ccat_ops_db.enums import LocationType, PhysicalCopyStatus
 from data_transfer import deletion, state
 from data_transfer.errors import NetworkError
 from data_transfer.heartbeat import MemoryHeartbeats
@@ -27,7 +27,7 @@ from data_transfer.inline import QueueDispatcher, Submitted
 from data_transfer.managers import MANAGERS, run_pass
 from data_transfer.movers import mover_for
 from data_transfer.operations import Context
-from tests.transfer.stack import Stack, make_stack, transfer_settings
+from tests.transfer.stack import Stack, make_stack, transfer_settings, unarchived_files
 
 DELETED_STATES = (
     PhysicalCopyStatus.DELETION_SCHEDULED,
@@ -168,15 +168,7 @@ def test_random_passes_and_faults_never_break_the_rules(world_stack, actions, se
             d.drain(ctx)
         check_invariants(stack, world)
         with Session(ctx.engine) as s:
-            left = s.scalar(
-                select(func.count())
-                .select_from(m.RawDataFile)
-                .outerjoin(m.RawDataPackage)
-                .where(
-                    (m.RawDataFile.raw_data_package_id.is_(None))
-                    | (m.RawDataPackage.state != PackageState.ARCHIVED)
-                )
-            )
+            left = unarchived_files(s)
         if not left:
             break
     assert left == 0, "files not archived after the faults stopped"

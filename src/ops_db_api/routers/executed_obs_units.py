@@ -15,21 +15,11 @@ from ccat_ops_db.models import ExecutedObsUnit
 
 from ..deps import DB, Filer, Paging, Reader, audit, paginate
 from ..errors import ERROR_RESPONSES, ApiError, ErrorBody, not_found
-from ..filing import check_obs_unit_references, differing_fields, same_value
+from ..filing import START_FIELDS, check_obs_unit_references, differing_fields, same_value
 from ..schemas.common import Page
 from ..schemas.filing import ExecutedObsUnitFinish, ExecutedObsUnitOut, ExecutedObsUnitStart
 
 router = APIRouter(prefix="/executed_obs_units", tags=["executed obs units"])
-
-START_FIELDS = (
-    "obs_unit_id",
-    "instrument_id",
-    "start_time",
-    "mean_pwv_mm",
-    "mean_elevation_deg",
-    "conditions",
-    "comment",
-)
 
 
 @router.post(

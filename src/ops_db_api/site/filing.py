@@ -21,6 +21,7 @@ from ccat_ops_db.models import DataLocation, ExecutedObsUnit, InstrumentModule, 
 from ..errors import ApiError
 from ..filing import (
     FILE_FIELDS,
+    START_FIELDS,
     check_obs_unit_references,
     differing_fields,
     source_location_error,
@@ -29,16 +30,6 @@ from ..schemas.filing import ExecutedObsUnitFinish, ExecutedObsUnitStart, RawDat
 from .buffer import SiteBuffer
 
 log = logging.getLogger("ops_db_api.site")
-
-START_FIELDS = (
-    "obs_unit_id",
-    "instrument_id",
-    "start_time",
-    "mean_pwv_mm",
-    "mean_elevation_deg",
-    "conditions",
-    "comment",
-)
 
 
 def _payload_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
