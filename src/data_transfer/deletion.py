@@ -1,4 +1,5 @@
-"""The deletion rules, in one place. Every deletion (manager and task) asks :func:`verdict`.
+"""The deletion rules, in one place. Every deletion (manager and task) asks :func:`verdicts`
+(a batch of copies) or :func:`verdict` (one copy, the same rules).
 
 A copy at a SOURCE or BUFFER location may go only when every raw data package it holds
 
@@ -18,10 +19,12 @@ job needs them. Copies in a LONG_TERM_ARCHIVE are never deleted by the pipeline.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Select, and_, exists, func, or_, select, true, union_all
+from sqlalchemy import Select, and_, func, or_, select, true, union_all
 from sqlalchemy.orm import Session
 
 from ccat_ops_db.enums import CopyType, LocationType, PackageState, PhysicalCopyStatus, Status
@@ -38,6 +41,12 @@ from ccat_ops_db.models import (
 
 ACTIVE = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS)
 LIVE_COPY = (PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED)
+DELETABLE_STATUS = (
+    PhysicalCopyStatus.PRESENT,
+    PhysicalCopyStatus.STAGED,
+    PhysicalCopyStatus.DELETION_SCHEDULED,
+    PhysicalCopyStatus.DELETION_FAILED,
+)
 
 
 @dataclass(frozen=True)
@@ -71,20 +80,49 @@ def archived_package_ids(session: Session, package_ids: Iterable[int]) -> set[in
 
 def packages_held(session: Session, copy: PhysicalCopy) -> list[int]:
     """The raw data packages whose data this copy holds."""
-    if copy.copy_type == CopyType.RAW_DATA_PACKAGE:
-        return [copy.raw_data_package_id]  # type: ignore[list-item]
-    if copy.copy_type == CopyType.RAW_DATA_FILE:
-        pkg = session.scalar(
-            select(RawDataFile.raw_data_package_id).where(RawDataFile.id == copy.raw_data_file_id)
+    return packages_held_many(session, [copy])[copy.id]
+
+
+def packages_held_many(session: Session, copies: Sequence[PhysicalCopy]) -> dict[int, list[int]]:
+    """:func:`packages_held` for many copies: at most one query per copy type."""
+    file_ids = {c.raw_data_file_id for c in copies if c.copy_type == CopyType.RAW_DATA_FILE}
+    dtp_ids = {
+        c.data_transfer_package_id for c in copies if c.copy_type == CopyType.DATA_TRANSFER_PACKAGE
+    }
+    file_pkg: dict[Any, int | None] = {}
+    for chunk in _chunks(file_ids):
+        file_pkg.update(
+            session.execute(
+                select(RawDataFile.id, RawDataFile.raw_data_package_id).where(
+                    RawDataFile.id.in_(chunk)
+                )
+            ).all()
         )
-        return [pkg] if pkg is not None else []
-    return list(
-        session.scalars(
-            select(RawDataPackage.id).where(
-                RawDataPackage.data_transfer_package_id == copy.data_transfer_package_id
-            )
-        )
-    )
+    dtp_pkgs: dict[Any, list[int]] = defaultdict(list)
+    for chunk in _chunks(dtp_ids):
+        for dtp_id, pkg_id in session.execute(
+            select(RawDataPackage.data_transfer_package_id, RawDataPackage.id)
+            .where(RawDataPackage.data_transfer_package_id.in_(chunk))
+            .order_by(RawDataPackage.id)
+        ):
+            dtp_pkgs[dtp_id].append(pkg_id)
+    held: dict[int, list[int]] = {}
+    for c in copies:
+        if c.copy_type == CopyType.RAW_DATA_PACKAGE:
+            held[c.id] = [c.raw_data_package_id]  # type: ignore[list-item]
+        elif c.copy_type == CopyType.RAW_DATA_FILE:
+            pkg = file_pkg.get(c.raw_data_file_id)
+            held[c.id] = [pkg] if pkg is not None else []
+        else:
+            held[c.id] = list(dtp_pkgs.get(c.data_transfer_package_id, []))
+    return held
+
+
+def _chunks(values: Iterable[Any], size: int = 5000) -> Iterator[list[Any]]:
+    """``values`` in lists of at most ``size`` (bounded IN lists)."""
+    items = [v for v in values if v is not None]
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def location_fill(session: Session, loc: DataLocation) -> float | None:
@@ -103,119 +141,212 @@ def location_fill(session: Session, loc: DataLocation) -> float | None:
     return float(used or 0) / float(loc.capacity_bytes)
 
 
-def _retention_verdict(
-    session: Session, copy: PhysicalCopy, loc: DataLocation, now: dt.datetime
-) -> Verdict | None:
-    if not loc.retention_hours:
-        return None
-    created = copy.created_at
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=dt.UTC)
-    keep_until = created + dt.timedelta(hours=loc.retention_hours)
-    if now >= keep_until:
-        return None
-    fill = location_fill(session, loc)
-    if fill is not None and loc.high_watermark_percent and fill * 100 >= loc.high_watermark_percent:
-        return None  # disk pressure overrides retention
-    return Verdict(False, f"retention: kept until {keep_until.isoformat(timespec='seconds')}")
-
-
 def verdict(session: Session, copy: PhysicalCopy, now: dt.datetime | None = None) -> Verdict:
-    """May ``copy`` be deleted now? The one function every deletion goes through."""
-    now = now or dt.datetime.now(dt.UTC)
-    loc = session.get(DataLocation, copy.data_location_id)
-    assert loc is not None
-    if copy.status not in (
-        PhysicalCopyStatus.PRESENT,
-        PhysicalCopyStatus.STAGED,
-        PhysicalCopyStatus.DELETION_SCHEDULED,
-        PhysicalCopyStatus.DELETION_FAILED,
-    ):
-        return Verdict(False, f"copy is {copy.status}")
-    ltype = LocationType(loc.location_type)
-    if ltype == LocationType.LONG_TERM_ARCHIVE:
-        return Verdict(False, "archive copies are never deleted by the pipeline")
-    packages = packages_held(session, copy)
-    if ltype == LocationType.PROCESSING:
-        needed = session.scalar(
-            select(func.count())
-            .select_from(staging_job_raw_data_package)
-            .join(StagingJob, StagingJob.id == staging_job_raw_data_package.c.staging_job_id)
-            .where(
-                staging_job_raw_data_package.c.raw_data_package_id.in_(packages or [-1]),
-                StagingJob.destination_location_id == loc.id,
-                StagingJob.active.is_(True),
-                (StagingJob.expires_at.is_(None)) | (StagingJob.expires_at > now),
-            )
-        )
-        if needed:
-            return Verdict(False, "needed by an active staging job")
-        return Verdict(True, "no active staging job needs it")
-    # SOURCE and BUFFER: the three rules first.
-    if not packages:
-        return Verdict(False, "not in any raw data package yet")
-    archived = archived_package_ids(session, packages)
-    missing = [p for p in packages if p not in archived]
-    if missing:
-        return Verdict(
-            False,
-            f"raw data package(s) {', '.join(map(str, sorted(missing)[:5]))} not yet ARCHIVED "
-            "with a verified archive copy",
-        )
-    # Still needed by the pipeline at this location?
-    if copy.copy_type == CopyType.DATA_TRANSFER_PACKAGE:
-        busy = session.scalar(
-            select(
-                exists().where(
-                    DataTransfer.data_transfer_package_id == copy.data_transfer_package_id,
-                    ((DataTransfer.origin_location_id == loc.id) & DataTransfer.status.in_(ACTIVE))
-                    | (
-                        (DataTransfer.destination_location_id == loc.id)
-                        & (DataTransfer.status.in_(ACTIVE) | DataTransfer.unpack_status.in_(ACTIVE))
-                    ),
+    """May ``copy`` be deleted now? Every deletion goes through here or :func:`verdicts`."""
+    return verdicts(session, [copy], now)[copy.id]
+
+
+def verdicts(
+    session: Session, copies: Sequence[PhysicalCopy], now: dt.datetime | None = None
+) -> dict[int, Verdict]:
+    """May each of ``copies`` be deleted now? The rules, applied to a batch.
+
+    The same decision for each copy as if it were asked about alone; the facts the rules read
+    (packages held, archive copies, unfinished transfers, staging jobs, fill levels) are read
+    with one query per kind for the whole batch, in the caller's transaction.
+    """
+    return _Rules(session, copies, now or dt.datetime.now(dt.UTC)).decide()
+
+
+class _Rules:
+    """The facts the rules need for one batch of copies, read once, and the decision."""
+
+    def __init__(self, session: Session, copies: Sequence[PhysicalCopy], now: dt.datetime):
+        self.s, self.copies, self.now = session, copies, now
+        self.locations = {
+            loc_id: session.get(DataLocation, loc_id)
+            for loc_id in {c.data_location_id for c in copies}
+        }
+        self.fill: dict[int, float | None] = {}
+
+    def decide(self) -> dict[int, Verdict]:
+        out: dict[int, Verdict] = {}
+        asked: list[PhysicalCopy] = []
+        for c in self.copies:
+            loc = self.locations[c.data_location_id]
+            assert loc is not None
+            if c.status not in DELETABLE_STATUS:
+                out[c.id] = Verdict(False, f"copy is {c.status}")
+            elif loc.location_type == LocationType.LONG_TERM_ARCHIVE:
+                out[c.id] = Verdict(False, "archive copies are never deleted by the pipeline")
+            else:
+                asked.append(c)
+        if not asked:
+            return out
+        held = packages_held_many(self.s, asked)
+        processing: list[PhysicalCopy] = []
+        upstream: list[PhysicalCopy] = []
+        for c in asked:
+            loc = self.locations[c.data_location_id]
+            is_processing = loc is not None and loc.location_type == LocationType.PROCESSING
+            (processing if is_processing else upstream).append(c)
+        needed = self._staging_needs({p for c in processing for p in held[c.id]})
+        for c in processing:
+            if any((p, c.data_location_id) in needed for p in held[c.id]):
+                out[c.id] = Verdict(False, "needed by an active staging job")
+            else:
+                out[c.id] = Verdict(True, "no active staging job needs it")
+        # SOURCE and BUFFER: the three rules first.
+        archived = archived_package_ids(self.s, (p for c in upstream for p in held[c.id]))
+        passed: list[PhysicalCopy] = []
+        for c in upstream:
+            if not held[c.id]:
+                out[c.id] = Verdict(False, "not in any raw data package yet")
+                continue
+            missing = [p for p in held[c.id] if p not in archived]
+            if missing:
+                out[c.id] = Verdict(
+                    False,
+                    f"raw data package(s) {', '.join(map(str, sorted(missing)[:5]))} not yet "
+                    "ARCHIVED with a verified archive copy",
                 )
+                continue
+            passed.append(c)
+        # Still needed by the pipeline at this location?
+        busy_dtp = self._busy_transfer_packages(passed)
+        busy_archive, in_ltas, site_ltas = self._archive_facts(passed)
+        for c in passed:
+            loc = self.locations[c.data_location_id]
+            assert loc is not None
+            if (c.data_transfer_package_id, loc.id) in busy_dtp:
+                out[c.id] = Verdict(
+                    False, "a transfer or unpack of this package is unfinished here"
+                )
+                continue
+            if c.copy_type == CopyType.RAW_DATA_PACKAGE:
+                if (c.raw_data_package_id, loc.id) in busy_archive:
+                    out[c.id] = Verdict(False, "an archive transfer from this copy is unfinished")
+                    continue
+                if any(
+                    (c.raw_data_package_id, lta) not in in_ltas
+                    for lta in site_ltas.get(loc.site_id, [])
+                ):
+                    out[c.id] = Verdict(False, "an archive at this site does not hold it yet")
+                    continue
+            kept = self._retention(c, loc)
+            out[c.id] = kept or Verdict(True, "archived and verified in a long-term archive")
+        return out
+
+    def _staging_needs(self, packages: set[int]) -> set[tuple[int, int]]:
+        """(package, PROCESSING location) pairs an active staging job needs."""
+        if not packages:
+            return set()
+        link = staging_job_raw_data_package
+        rows = self.s.execute(
+            select(link.c.raw_data_package_id, StagingJob.destination_location_id)
+            .join(StagingJob, StagingJob.id == link.c.staging_job_id)
+            .where(
+                link.c.raw_data_package_id.in_(packages),
+                StagingJob.active.is_(True),
+                (StagingJob.expires_at.is_(None)) | (StagingJob.expires_at > self.now),
             )
         )
-        if busy:
-            return Verdict(False, "a transfer or unpack of this package is unfinished here")
-    if copy.copy_type == CopyType.RAW_DATA_PACKAGE:
-        busy = session.scalar(
+        return {(pkg, loc) for pkg, loc in rows}
+
+    def _busy_transfer_packages(self, copies: list[PhysicalCopy]) -> set[tuple[int, int]]:
+        """(transfer package, location) pairs with a transfer from, or a transfer or unpack
+        into, that location unfinished."""
+        ids = {
+            c.data_transfer_package_id
+            for c in copies
+            if c.copy_type == CopyType.DATA_TRANSFER_PACKAGE
+        }
+        if not ids:
+            return set()
+        busy: set[tuple[int, int]] = set()
+        for dtp, origin, dest, status, unpack in self.s.execute(
             select(
-                exists().where(
-                    LongTermArchiveTransfer.raw_data_package_id == copy.raw_data_package_id,
-                    LongTermArchiveTransfer.origin_location_id == loc.id,
+                DataTransfer.data_transfer_package_id,
+                DataTransfer.origin_location_id,
+                DataTransfer.destination_location_id,
+                DataTransfer.status,
+                DataTransfer.unpack_status,
+            ).where(
+                DataTransfer.data_transfer_package_id.in_(ids),
+                DataTransfer.status.in_(ACTIVE) | DataTransfer.unpack_status.in_(ACTIVE),
+            )
+        ):
+            if status in ACTIVE:
+                busy.add((dtp, origin))
+            if status in ACTIVE or unpack in ACTIVE:
+                busy.add((dtp, dest))
+        return busy
+
+    def _archive_facts(
+        self, copies: list[PhysicalCopy]
+    ) -> tuple[set[tuple[int, int]], set[tuple[int, int]], dict[int, list[int]]]:
+        """For raw data package copies: (package, origin) pairs with an archive transfer
+        unfinished; (package, archive) pairs with a present, verified copy there; the active
+        archive locations of each site."""
+        pkgs = {c.raw_data_package_id for c in copies if c.copy_type == CopyType.RAW_DATA_PACKAGE}
+        if not pkgs:
+            return set(), set(), {}
+        busy = {
+            (pkg, origin)
+            for pkg, origin in self.s.execute(
+                select(
+                    LongTermArchiveTransfer.raw_data_package_id,
+                    LongTermArchiveTransfer.origin_location_id,
+                ).where(
+                    LongTermArchiveTransfer.raw_data_package_id.in_(pkgs),
                     LongTermArchiveTransfer.status.in_(ACTIVE),
                 )
             )
-        )
-        if busy:
-            return Verdict(False, "an archive transfer from this copy is unfinished")
-        site_ltas = list(
-            session.scalars(
-                select(DataLocation.id).where(
-                    DataLocation.site_id == loc.site_id,
-                    DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
-                    DataLocation.active.is_(True),
+        }
+        site_ltas: dict[int, list[int]] = defaultdict(list)
+        for site_id, loc_id in self.s.execute(
+            select(DataLocation.site_id, DataLocation.id).where(
+                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+                DataLocation.active.is_(True),
+            )
+        ):
+            site_ltas[site_id].append(loc_id)
+        there = {
+            (pkg, loc)
+            for pkg, loc in self.s.execute(
+                select(PhysicalCopy.raw_data_package_id, PhysicalCopy.data_location_id).where(
+                    PhysicalCopy.raw_data_package_id.in_(pkgs),
+                    PhysicalCopy.data_location_id.in_(
+                        [loc for ltas in site_ltas.values() for loc in ltas] or [-1]
+                    ),
+                    PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                    PhysicalCopy.checksum_verified_at.is_not(None),
                 )
             )
-        )
-        for lta_id in site_ltas:
-            there = session.scalar(
-                select(
-                    exists().where(
-                        PhysicalCopy.raw_data_package_id == copy.raw_data_package_id,
-                        PhysicalCopy.data_location_id == lta_id,
-                        PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
-                        PhysicalCopy.checksum_verified_at.is_not(None),
-                    )
-                )
-            )
-            if not there:
-                return Verdict(False, "an archive at this site does not hold it yet")
-    kept = _retention_verdict(session, copy, loc, now)
-    if kept is not None:
-        return kept
-    return Verdict(True, "archived and verified in a long-term archive")
+        }
+        return busy, there, site_ltas
+
+    def _retention(self, copy: PhysicalCopy, loc: DataLocation) -> Verdict | None:
+        """Kept for the location's retention period, unless the location is above its
+        high-water mark (disk pressure overrides retention)."""
+        if not loc.retention_hours:
+            return None
+        created = copy.created_at
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=dt.UTC)
+        keep_until = created + dt.timedelta(hours=loc.retention_hours)
+        if self.now >= keep_until:
+            return None
+        if loc.id not in self.fill:
+            self.fill[loc.id] = location_fill(self.s, loc)
+        fill = self.fill[loc.id]
+        if (
+            fill is not None
+            and loc.high_watermark_percent
+            and fill * 100 >= loc.high_watermark_percent
+        ):
+            return None
+        return Verdict(False, f"retention: kept until {keep_until.isoformat(timespec='seconds')}")
 
 
 def candidates(

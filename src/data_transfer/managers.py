@@ -517,32 +517,25 @@ def deletions(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher
 
     Candidates (:func:`deletion.candidates`): live copies at SOURCE, BUFFER and PROCESSING,
     and failed deletions whose back-off has passed, less those the rules refuse for sure (a
-    package not ARCHIVED, retention). Every candidate goes through :func:`deletion.verdict`.
+    package not ARCHIVED, retention). Every candidate goes through :func:`deletion.verdicts`.
     """
     report = PassReport("deletion")
     batches: dict[tuple[int, Any], list[int]] = defaultdict(list)
     now = _now()
     with Session(engine) as s, s.begin():
-        # verdict() gets each copy's location: held here, they stay in the session's identity
-        # map (it keeps objects only while something references them)
-        locations = list(s.scalars(select(DataLocation)))
         copies = s.scalars(
             deletion.candidates(
                 s, now, max_retries=settings.max_retries, limit=settings.batch_size * 20
             )
         ).all()
-        pkg_cache: dict[Any, list[int]] = {}
-        for copy in copies:
-            v = deletion.verdict(s, copy, now)
-            if not v.allowed:
-                continue
+        decided = deletion.verdicts(s, copies, now)
+        allowed = [c for c in copies if decided[c.id].allowed]
+        held = deletion.packages_held_many(s, allowed)
+        for copy in allowed:
             copy.status = PhysicalCopyStatus.DELETION_SCHEDULED
-            key = copy.raw_data_file_id and pkg_cache.setdefault(
-                copy.raw_data_file_id, deletion.packages_held(s, copy)
-            )
+            key = held[copy.id] if copy.raw_data_file_id else None
             group = (copy.data_location_id, tuple(key) if key else copy.id)
             batches[group].append(copy.id)
-        del locations
     with Session(engine) as s:
         items = [
             (ids, location_queue(_loc(s, loc_id), Operation.DELETION))

@@ -791,7 +791,7 @@ def delete_copies(ctx: Context, copy_ids: list[int]) -> Outcome:
     """Delete scheduled copies (all at one location), re-checking the rules for each first.
 
     Batched: one transaction claims the whole batch (each copy still goes through
-    :func:`deletion.verdict`, under a row lock), the files are unlinked, each directory is
+    :func:`deletion.verdicts`, under a row lock), the files are unlinked, each directory is
     fsynced once, and one transaction records the results.
     """
     from .movers.local import fsync_dir
@@ -806,19 +806,18 @@ def delete_copies(ctx: Context, copy_ids: list[int]) -> Outcome:
             .order_by(PhysicalCopy.id)
             .with_for_update()
         ).all()
-        for copy in copies:
-            if copy.status != PhysicalCopyStatus.DELETION_SCHEDULED:
-                continue
-            v = deletion.verdict(s, copy)
+        scheduled = [c for c in copies if c.status == PhysicalCopyStatus.DELETION_SCHEDULED]
+        decided = deletion.verdicts(s, scheduled)
+        paths = _item_paths(s, scheduled)
+        for copy in scheduled:
+            v = decided[copy.id]
             if not v.allowed:
                 copy.status = PhysicalCopyStatus.PRESENT
                 copy.failure_reason = f"deletion refused at run time: {v.reason}"[:1990]
                 refused += 1
                 continue
             copy.status = PhysicalCopyStatus.DELETION_IN_PROGRESS
-            todo.append(
-                (copy.id, _ref(copy.data_location), copy.relative_path or _item_path(s, copy))
-            )
+            todo.append((copy.id, _ref(copy.data_location), paths[copy.id]))
     ok: list[int] = []
     bad: list[tuple[int, Exception]] = []
     dirs: set[Path] = set()
@@ -842,9 +841,14 @@ def delete_copies(ctx: Context, copy_ids: list[int]) -> Outcome:
         fsync_dir(d)
     with ctx.session() as s, s.begin():
         stamp = now()
+        loaded = {
+            c.id: c
+            for c in s.scalars(
+                select(PhysicalCopy).where(PhysicalCopy.id.in_(ok + [i for i, _ in bad]))
+            )
+        }
         for copy_id in ok:
-            c = s.get(PhysicalCopy, copy_id)
-            assert c is not None
+            c = loaded[copy_id]
             c.status = PhysicalCopyStatus.DELETED
             c.deleted_at = stamp
             c.failure_reason = None
@@ -853,8 +857,7 @@ def delete_copies(ctx: Context, copy_ids: list[int]) -> Outcome:
             deleted += 1
             TASK_METRICS.done("deletion", 0.0)
         for copy_id, exc in bad:
-            c = s.get(PhysicalCopy, copy_id)
-            assert c is not None
+            c = loaded[copy_id]
             c.status = PhysicalCopyStatus.DELETION_FAILED
             c.retry_count = (c.retry_count or 0) + 1
             c.failure_reason = state.describe_error(exc)
@@ -897,12 +900,25 @@ def _remove_tree(loc: LocationRef, rel: str) -> None:
         shutil.rmtree(target)
 
 
-def _item_path(s: Session, copy: PhysicalCopy) -> str:
-    if copy.copy_type == CopyType.RAW_DATA_FILE:
-        return s.get(RawDataFile, copy.raw_data_file_id).relative_path  # type: ignore[union-attr]
-    if copy.copy_type == CopyType.RAW_DATA_PACKAGE:
-        return s.get(RawDataPackage, copy.raw_data_package_id).relative_path  # type: ignore[union-attr]
-    return s.get(DataTransferPackage, copy.data_transfer_package_id).relative_path  # type: ignore[union-attr]
+def _item_paths(s: Session, copies: list[PhysicalCopy]) -> dict[int, str]:
+    """Where each copy is at its location: its own path, else its item's (one query per type)."""
+    paths = {c.id: c.relative_path for c in copies if c.relative_path}
+    rest = [c for c in copies if not c.relative_path]
+    for model, key in (
+        (RawDataFile, "raw_data_file_id"),
+        (RawDataPackage, "raw_data_package_id"),
+        (DataTransferPackage, "data_transfer_package_id"),
+    ):
+        ids = {getattr(c, key) for c in rest if getattr(c, key) is not None}
+        if not ids:
+            continue
+        found = dict(
+            s.execute(select(model.id, model.relative_path).where(model.id.in_(ids))).all()
+        )
+        for c in rest:
+            if getattr(c, key) in found:
+                paths[c.id] = found[getattr(c, key)]
+    return paths
 
 
 # --- beyond the real system: fixity audit -------------------------------------------------

@@ -7,6 +7,7 @@ twice. And once the faults stop, everything reaches the archives.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -113,6 +114,13 @@ def check_invariants(stack: Stack, world: World) -> None:
             .having(func.count() > 1)
         ).all()
         assert not dup
+        # the rules applied to a batch decide each copy as if it were asked about alone (the
+        # batch reads its facts once for all copies: none may leak from one copy to another)
+        every = s.scalars(select(m.PhysicalCopy).order_by(m.PhysicalCopy.id)).all()
+        stamp = dt.datetime.now(dt.UTC)
+        batch = deletion.verdicts(s, every, stamp)
+        alone = {c.id: deletion.verdicts(s, [c], stamp)[c.id] for c in every}
+        assert batch == alone
     assert all(n == 1 for n in world.archive_writes.values()), world.archive_writes
 
 
