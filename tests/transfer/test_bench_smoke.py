@@ -44,6 +44,8 @@ def test_transfer_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     for expected in (
         "cp -r",
         "sha256sum",
+        "one pipeline hop alone",
+        "x one hop alone",
         "pipeline end to end",
         "raw data package",
         "archive (buffer → LTA disk)",
