@@ -178,10 +178,12 @@ def test_ctrl_c_stops_every_process_and_a_second_run_resumes(tmp_path: Path) -> 
     )
     _wait_for(home / "stack.json", demo)
     children = _children_alive(home)
-    time.sleep(2)  # mid-run: the instrument is filing, workers are packaging
+    # mid-run: the instrument is filing, workers are packaging (the whole run takes about
+    # 6 s after the stack is up on 2 cores since the batched deletion; it took 10 s or more)
+    time.sleep(1)
     demo.send_signal(signal.SIGINT)
     out, _ = demo.communicate(timeout=90)
-    assert demo.returncode == 130, out
+    assert demo.returncode == 130, f"the demo did not stop on SIGINT 1 s into the run:\n{out}"
     assert "stopping every process" in out
     import os
 
