@@ -169,12 +169,17 @@ def test_ctrl_c_stops_every_process_and_a_second_run_resumes(tmp_path: Path) -> 
 
     home = tmp_path / "dc"
     cli = [sys.executable, "-m", "ccat_dc.cli"]
+    # A terminal delivers Ctrl-C to a process whose SIGINT is at its default. Under a runner that
+    # started this test in the background without job control (CI does), SIGINT is inherited as
+    # ignored, Python then leaves it ignored, and the demo would rightly run to its end: restore
+    # the default in the child, as a terminal session would have it.
     demo = subprocess.Popen(
         [*cli, "demo", "--home", str(home), "--files", "400", "--size", "200"],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for(home / "stack.json", demo)
     children = _children_alive(home)
