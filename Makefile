@@ -31,8 +31,12 @@ $(BIN)/python:
 	       rm -rf $(VENV); exit 2; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+# Exactly the locked set (versions and hashes), then the project itself: the same packages on
+# every machine and every day, whatever PyPI published since (requirements.lock says how to
+# regenerate it).
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e '.[dev]'
 	@touch $@
 
 install: $(VENV)/.installed

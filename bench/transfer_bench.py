@@ -63,6 +63,7 @@ from ccat_ops_db.embedded import EmbeddedPostgres
 from ccat_ops_db.enums import ExecutionStatus, LocationType, PackageState, PhysicalCopyStatus
 from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.seed import default_topology_path, seed_file
+from data_transfer.checksums import new_hasher
 from data_transfer.managers import MANAGERS, run_pass
 from data_transfer.operations import OPERATIONS, Context, Outcome
 from data_transfer.packaging import Member, build_package
@@ -331,11 +332,12 @@ def time_sha256sum(tree_root: Path, originals: dict[str, str]) -> float:
     return seconds
 
 
-def time_one_hop(tree: Tree, dest: Path) -> float:
+def time_one_hop(tree: Tree, dest: Path, algorithm: str) -> float:
     """Seconds of ONE pipeline hop alone: every file of the tree packed into one tar the way
     stage 1 does it (:func:`data_transfer.packaging.build_package`: each file's sha256 checked
-    while read, the tar hashed while written, write-behind, fsync, rename). The pipeline makes
-    five such durable, verified copies; this is the floor of each on this machine."""
+    while read, the tar hashed with the package ``algorithm`` while written, write-behind,
+    fsync, rename). The pipeline makes five such durable, verified copies; this is the floor of
+    each on this machine."""
     members = [
         Member(
             source=tree.root / tree.units[f.unit][2] / f.relative_path,
@@ -346,7 +348,7 @@ def time_one_hop(tree: Tree, dest: Path) -> float:
         for f in tree.files
     ]
     t0 = time.perf_counter()
-    build_package(dest, "one-hop", members)
+    build_package(dest, "one-hop", members, algorithm=algorithm)
     return time.perf_counter() - t0
 
 
@@ -559,9 +561,9 @@ def run_pipeline(
 class _HashingFile:
     """A read-only stream that hashes what it hands out (for tarfile's stream mode)."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, algorithm: str) -> None:
         self.raw = raw
-        self.hasher = hashlib.sha256()
+        self.hasher = new_hasher(algorithm)
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
@@ -582,14 +584,17 @@ def verify_archive(engine: Engine, roots: dict[str, Path], tree: Tree) -> list[s
     seen: set[str] = set()
     lta = roots["cologne/lta"]
     with Session(engine) as s:
-        pkgs = [(p.name, p.relative_path, p.checksum) for p in s.scalars(select(m.RawDataPackage))]
-    for name, rel, checksum in pkgs:
+        pkgs = [
+            (p.name, p.relative_path, p.checksum, str(p.checksum_algorithm))
+            for p in s.scalars(select(m.RawDataPackage))
+        ]
+    for name, rel, checksum, algorithm in pkgs:
         path = lta / rel
         if not path.is_file():
             problems.append(f"{name}: not in the archive ({path})")
             continue
         with open(path, "rb") as raw:
-            stream = _HashingFile(raw)
+            stream = _HashingFile(raw, algorithm)
             with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
                 for info in tar:
                     if info.name == "MANIFEST.json":
@@ -674,6 +679,10 @@ def print_report(
     if cp_runs and len(cp_runs) > 1:
         each = ", ".join(f"{c:.2f}" for c, _ in cp_runs)
         console.print(f"cp -r: median of {len(cp_runs)} runs ({each} s)")
+    console.print(
+        "checksums: every file's sha256 checked when packed and when unpacked; package tars "
+        f"{TransferSettings().checksum_algorithm} at every hop (CCAT_TRANSFER_CHECKSUM_ALGORITHM)"
+    )
     if hop_s is not None:
         console.print(
             f"the pipeline makes 5 durable, verified copies: end to end = "
@@ -801,6 +810,8 @@ def main() -> int:
         file_tree(engine, tree)
         originals = tree.originals()
 
+        # the package tars' checksum (CCAT_TRANSFER_CHECKSUM_ALGORITHM, as the pipeline reads it)
+        package_algorithm = TransferSettings().checksum_algorithm
         cold = not args.no_drop_caches and drop_caches()
         cp_runs: list[tuple[float, float]] = []
         for i in range(args.baseline_runs):
@@ -816,7 +827,7 @@ def main() -> int:
             sha_s = time_sha256sum(tree_root, originals)
         with console.status("one hop alone (the tree packed into one verified tar)"):
             prepare(cold, tree_root)
-            hop_s = time_one_hop(tree, work / "one-hop.tar")
+            hop_s = time_one_hop(tree, work / "one-hop.tar", package_algorithm)
             (work / "one-hop.tar").unlink()
             os.sync()
 

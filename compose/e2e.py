@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stackctl import REPO, Stack, StackError, log, missing_images
 
+from data_transfer.checksums import new_hasher
+
 API = "/api/v1"
 
 
@@ -336,15 +338,18 @@ def verify_s3(
             where = f"s3://{bucket}/{a['object_key']}"
             head = s3.head_object(Bucket=bucket, Key=a["object_key"])
             meta = head["Metadata"].get("ccat-checksum", "")
-            if meta != f"sha256:{pkg['checksum']}":
+            algorithm = pkg["checksum_algorithm"]
+            if meta != f"{algorithm}:{pkg['checksum']}":
                 problems.append(f"{where}: metadata checksum {meta!r} != package's")
             if head["ContentLength"] != pkg["size"]:
                 problems.append(f"{where}: {head['ContentLength']} bytes, package {pkg['size']}")
             data = s3.get_object(Bucket=bucket, Key=a["object_key"])["Body"].read()
             nbytes += len(data)
             objects += 1
-            if hashlib.sha256(data).hexdigest() != pkg["checksum"]:
-                problems.append(f"{where}: sha256 of the bytes differs from the package's")
+            hasher = new_hasher(algorithm)
+            hasher.update(data)
+            if hasher.hexdigest() != pkg["checksum"]:
+                problems.append(f"{where}: {algorithm} of the bytes differs from the package's")
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 manifest = json.load(tar.extractfile("MANIFEST.json"))  # type: ignore[arg-type]
                 listed = {e["path"] for e in manifest["files"]}

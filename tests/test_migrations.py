@@ -183,3 +183,31 @@ def test_every_row_survives_head_base_head_via_dump_and_restore(db_url: str) -> 
         restore_rows(engine, dump)
         assert snapshot(engine) == first, "a row changed or went missing on the round trip"
     assert mig.schema_diff(engine) == []
+
+
+def test_0003_accepts_xxh3_and_its_downgrade_refuses_while_it_is_used(db_url: str) -> None:
+    """0003 lets the checksum_algorithm columns hold xxh3_128 (the old constraint rejects it);
+    going below 0003 while a row uses it fails with the table named and changes nothing."""
+    from sqlalchemy.exc import IntegrityError
+
+    engine = make_engine(db_url)
+    mig.upgrade(db_url)
+    with Session(engine) as s, s.begin():
+        populate_every_table(s)
+    mig.downgrade(db_url, "0002")
+    use = text("UPDATE data_transfer_package SET checksum_algorithm = :a")
+    check = r"ck_data_transfer_package_checksum_algorithm|CHECK constraint failed"
+    with pytest.raises(IntegrityError, match=check), engine.begin() as conn:
+        conn.execute(use, {"a": "xxh3_128"})
+    mig.upgrade(db_url)
+    with engine.begin() as conn:
+        assert conn.execute(use, {"a": "xxh3_128"}).rowcount >= 1
+    with pytest.raises(RuntimeError, match=r"xxh3_128 is used \(data_transfer_package: \d+ rows"):
+        mig.downgrade(db_url, "0002")
+    assert mig.current_revision(engine) == mig.head_revision()
+    with engine.begin() as conn:
+        conn.execute(use, {"a": "sha256"})
+    mig.downgrade(db_url, "0002")
+    assert mig.current_revision(engine) == "0002"
+    with pytest.raises(IntegrityError, match=check), engine.begin() as conn:
+        conn.execute(use, {"a": "xxh3_128"})

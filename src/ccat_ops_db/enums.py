@@ -114,3 +114,6 @@ class ChecksumAlgorithm(_StrEnum):
     BLAKE2B = "blake2b"
     MD5 = "md5"
     ADLER32 = "adler32"
+    #: XXH3, 128-bit (xxHash): a non-cryptographic checksum that hashes at memory speed; the
+    #: default for package tars, whose checksums guard transport and storage, not identity.
+    XXH3_128 = "xxh3_128"

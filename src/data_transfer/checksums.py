@@ -18,7 +18,7 @@ from .pagecache import DropBehindReader
 #: small enough to keep memory flat with many parallel copies).
 CHUNK = 1 << 20
 
-ALGORITHMS = ("sha256", "blake2b", "md5", "adler32")
+ALGORITHMS = ("sha256", "blake2b", "md5", "adler32", "xxh3_128")
 
 
 class Hasher(Protocol):
@@ -50,6 +50,15 @@ def new_hasher(algorithm: str = "sha256") -> Hasher:
         return hashlib.md5(usedforsecurity=False)
     if algo == "adler32":
         return _Adler32()
+    if algo == "xxh3_128":
+        try:
+            import xxhash
+        except ImportError as exc:  # pragma: no cover - a dependency of the transfer extra
+            raise ConfigurationError(
+                "checksum algorithm xxh3_128 needs the xxhash package: "
+                "pip install 'ccat-data-center[transfer]' (or pip install xxhash)"
+            ) from exc
+        return xxhash.xxh3_128()
     raise ConfigurationError(
         f"unknown checksum algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})"
     )

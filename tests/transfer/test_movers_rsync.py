@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from data_transfer.errors import (
     ChecksumMismatchError,
@@ -253,6 +254,11 @@ def test_upload_over_ssh(sshd: SshServer, remote_disk: LocationRef, tmp_path: Pa
     )
     assert mover.checksum(remote_disk, "deep/dir/f.tar", algorithm="adler32") == (
         f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+    )
+    # xxh3_128 (the package tars' default) is hashed remotely by xxh128sum (package xxhash):
+    # the same digest as the xxhash module computes locally
+    assert mover.checksum(remote_disk, "deep/dir/f.tar", algorithm="xxh3_128") == (
+        xxhash.xxh3_128(data).hexdigest()
     )
     free = mover.free_space(remote_disk)
     assert free is not None and free > 0

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -229,6 +230,8 @@ def test_package_checksum_algorithm(tmp_path: Path, algorithm: str) -> None:
         "blake2b": lambda: hashlib.blake2b(data).hexdigest(),
         "md5": lambda: hashlib.md5(data).hexdigest(),
         "adler32": lambda: f"{zlib.adler32(data) & 0xFFFFFFFF:08x}",
+        # the reference value of the xxhash module, which xxh128sum prints as well
+        "xxh3_128": lambda: xxhash.xxh3_128(data).hexdigest(),
     }[algorithm]()
     assert result.checksum == expected
     assert read_manifest(tmp_path / "p.tar").algorithm == algorithm
@@ -824,3 +827,13 @@ def test_memory_stays_flat_for_a_200_mb_file(tmp_path: Path) -> None:
     assert extract_peak < limit, extract_peak
     assert out.members[0].inner is not None
     assert out.members[0].inner[0].checksum == built.files[0].checksum
+
+
+def test_package_checksum_setting_defaults_to_xxh3_and_names_a_bad_value() -> None:
+    from data_transfer.errors import ConfigurationError
+    from data_transfer.settings import load_transfer_settings
+
+    assert load_transfer_settings().checksum_algorithm == "xxh3_128"
+    assert load_transfer_settings(checksum_algorithm="sha256").checksum_algorithm == "sha256"
+    with pytest.raises(ConfigurationError, match="CCAT_TRANSFER_CHECKSUM_ALGORITHM"):
+        load_transfer_settings(checksum_algorithm="crc7")

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import LocationType, PackageState, PhysicalCopyStatus, Status
 from data_transfer import deletion
+from data_transfer.checksums import new_hasher
 from data_transfer.inline import QueueDispatcher, run_all_once
 from data_transfer.managers import run_pass
 from data_transfer.operations import Context
@@ -54,7 +55,9 @@ def check_archive_bytes(stack: Stack) -> int:
                 )
                 body = client.get_object(Bucket=bucket, Key=lta.key_prefix + pkg.relative_path)
                 blob = body["Body"].read()
-                assert hashlib.sha256(blob).hexdigest() == pkg.checksum
+                hasher = new_hasher(str(pkg.checksum_algorithm))
+                hasher.update(blob)
+                assert hasher.hexdigest() == pkg.checksum
                 meta = body["Metadata"]
                 assert pkg.checksum in meta.get("ccat-checksum", ""), meta
                 with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
@@ -81,6 +84,11 @@ def test_files_reach_both_archives_and_upstream_copies_go(stack: Stack) -> None:
         pkgs = s.scalars(select(m.RawDataPackage)).all()
         assert len(pkgs) == 2
         assert {p.state for p in pkgs} == {PackageState.ARCHIVED}
+        # package tars carry the fast transport checksum; files keep the instrument's sha256
+        assert {str(p.checksum_algorithm) for p in pkgs} == {"xxh3_128"}
+        assert {str(f.checksum_algorithm) for p in pkgs for f in p.files} == {"sha256"}
+        dtps = s.scalars(select(m.DataTransferPackage)).all()
+        assert dtps and {str(d.checksum_algorithm) for d in dtps} == {"xxh3_128"}
         # both archive sites hold a verified copy of every package
         lta_copies = s.scalars(
             select(m.PhysicalCopy)

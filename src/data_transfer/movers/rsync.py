@@ -9,7 +9,7 @@ How a copy goes (verify-then-commit, as for every mover):
    interrupted copy resumes: ``--partial --partial-dir=.rsync-partial`` keeps the bytes already
    sent and the next attempt sends only the rest. ``--inplace`` is never used, so the
    temporary name holds a complete file only when rsync finished;
-3. the checksum is computed **at the destination** (``sha256sum``/``b2sum``/``md5sum`` over
+3. the checksum is computed **at the destination** (``sha256sum``/``xxh128sum``/... over
    ssh, or hashlib when the destination is local) and compared with the expected one;
 4. only then the file is fsynced, renamed to its final name and the directory fsynced (one
    more ssh call). A mismatch deletes the temporary file and its partial data.
@@ -71,7 +71,19 @@ MAX_OUTPUT = 64 * 1024
 _RC_EXISTS = 17
 _RC_MISSING = 3
 
-_HASH_COMMANDS = {"sha256": "sha256sum", "blake2b": "b2sum", "md5": "md5sum"}
+_HASH_COMMANDS = {
+    "sha256": "sha256sum",
+    "blake2b": "b2sum",
+    "md5": "md5sum",
+    # Debian/Ubuntu package xxhash (playbooks install it on every site host)
+    "xxh3_128": "xxh128sum",
+}
+_HASH_PACKAGES = {
+    "sha256sum": "coreutils",
+    "b2sum": "coreutils",
+    "md5sum": "coreutils",
+    "xxh128sum": "xxhash",
+}
 
 _ADLER32_PY = (
     "import sys, zlib\n"
@@ -331,7 +343,12 @@ class RemoteShell:
             new_hasher(algo)  # raises ConfigurationError naming the known ones
         q = shlex.quote(path)
         if algo in _HASH_COMMANDS:
-            hash_cmd = f"{_HASH_COMMANDS[algo]} -- {q}"
+            cmd = _HASH_COMMANDS[algo]
+            hash_cmd = (
+                f"{{ command -v {cmd} >/dev/null || {{ echo '{cmd} is not installed on this "
+                f"host (Debian package {_HASH_PACKAGES[cmd]})' >&2; exit 127; }}; }} "
+                f"&& {cmd} -- {q}"
+            )
         else:
             hash_cmd = f"python3 -c {shlex.quote(_ADLER32_PY)} {q}"
         script = (

@@ -45,7 +45,7 @@ RelativePath = Annotated[
     AfterValidator(_relative_path),
 ]
 
-CHECKSUM_LENGTHS = {"sha256": 64, "blake2b": 128, "md5": 32, "adler32": 8}
+CHECKSUM_LENGTHS = {"sha256": 64, "blake2b": 128, "md5": 32, "adler32": 8, "xxh3_128": 32}
 
 
 def check_checksum(algorithm: str, checksum: str) -> str:
