@@ -67,6 +67,10 @@ from .settings import TransferSettings
 
 log = logging.getLogger("data_transfer.operations")
 
+#: Folder (in the archive's origin BUFFER) where an archive task writes the metadata sidecar
+#: before copying it next to the package in the archive.
+SIDECAR_DIR = ".sidecars"
+
 #: ``(src, dst, method, options=...) -> Mover``; defaults to :func:`movers.mover_for`.
 MoverFactory = Callable[..., Any]
 
@@ -567,7 +571,10 @@ def archive(ctx: Context, ltat_id: int) -> Outcome:
             exc.repair_note = _repair_source_copy(ctx, pkg_id, src, path, expected, algorithm)  # type: ignore[attr-defined]
             raise
         sidecar_path = path + ".meta.json"
-        tmp_rel = f".sidecars/{uuid.uuid4().hex}.json"
+        # one name per archive record: an attempt killed between writing and removing it leaves
+        # the file behind, and the record's next attempt (after the recovery sweeper reset it)
+        # overwrites and removes it, so nothing piles up in the BUFFER
+        tmp_rel = f"{SIDECAR_DIR}/{ltat_id}.json"
         tmp_abs = src.path(tmp_rel)
         tmp_abs.parent.mkdir(parents=True, exist_ok=True)
         tmp_abs.write_text(json.dumps(sidecar, indent=2, sort_keys=True))

@@ -224,3 +224,36 @@ def test_permanent_failure_stops_after_its_retry_bound(stack: Stack) -> None:
             select(m.DataTransferLog).where(m.DataTransferLog.data_transfer_id == t.id)
         ).all()
         assert len([x for x in logs if x.level == "error"]) == 3
+
+
+def test_a_killed_archive_attempt_leaves_no_sidecar_behind(stack: Stack) -> None:
+    """An archive task killed after writing its metadata sidecar into the BUFFER (before it
+    could remove it) leaves a file there; the record's next attempt overwrites and removes it."""
+    from data_transfer.operations import SIDECAR_DIR
+
+    stack.file_observation(files=3, seed=6)
+    ctx = ctx_for(stack)
+    d = QueueDispatcher()
+    for _ in range(3):  # everything up to the unpacked packages at cologne
+        for name in ("raw_data_packages", "transfer_packages", "transfers", "unpacking"):
+            run_pass(name, ctx.engine, ctx.settings, d)
+            d.drain(ctx)
+    run_pass("archive", ctx.engine, ctx.settings, d)
+    archive_tasks = [t for t in d.pending if t.kind == "long_term_archive_transfer"]
+    assert archive_tasks, [t.kind for t in d.pending]
+    planted = []
+    for task in archive_tasks:  # what a killed attempt of each left behind
+        ltat_id = task.payload if isinstance(task.payload, int) else task.payload["id"]
+        with Session(stack.engine) as s:
+            a = s.get(m.LongTermArchiveTransfer, ltat_id)
+            root = Path(a.origin_location.root_path)
+        leftover = root / SIDECAR_DIR / f"{ltat_id}.json"
+        leftover.parent.mkdir(parents=True, exist_ok=True)
+        leftover.write_text('{"half": ')
+        planted.append(leftover)
+    d.drain(ctx)
+    run_until_quiet(ctx)
+    assert [p for p in planted if p.exists()] == []
+    for key in ("ccat/buffer", "cologne/buffer"):
+        assert [p for p in stack.roots[key].rglob("*") if p.is_file()] == [], key
+    assert check_archive_bytes(stack) == 3 * 2
