@@ -7,7 +7,8 @@ The database comes from ``CCAT_OPS_DB_*``, the broker and every other knob from
 from __future__ import annotations
 
 import signal
-from typing import Annotated
+import time
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -71,6 +72,35 @@ def queues(
     console.print(f"{len(found)} queues")
 
 
+def _discover_waiting(site: str, locations: list[str] | None, wait_s: float) -> list[Any]:
+    """The worker's queues, read from the database; while the database does not answer (a
+    host or a cluster starting all at once), retry every 2 s for up to ``wait_s`` seconds, then
+    fail with an error that says what to check."""
+    from sqlalchemy.exc import OperationalError
+
+    deadline = time.monotonic() + wait_s
+    engine = _engine()
+    try:
+        while True:
+            try:
+                with Session(engine) as s:
+                    return discover_queues(s, site=site, locations=locations)
+            except OperationalError as exc:
+                reason = str(exc.orig or exc).strip().splitlines()[0][:300]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConfigurationError(
+                        f"the operations database did not answer within {wait_s:.0f} s "
+                        f"({reason}); check CCAT_OPS_DB_URL and that PostgreSQL is running"
+                    ) from None
+                err.print(
+                    f"waiting for the operations database ({reason}); giving up in {left:.0f} s"
+                )
+                time.sleep(min(2.0, max(left, 0.1)))
+    finally:
+        engine.dispose()
+
+
 @app.command()
 def worker(
     site: Annotated[str, typer.Option(help="site short name, e.g. ccat")],
@@ -80,12 +110,17 @@ def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="parallel tasks")] = 2,
     pool: Annotated[str, typer.Option(help="celery pool: threads, prefork or solo")] = "threads",
     loglevel: Annotated[str, typer.Option()] = "INFO",
+    db_wait: Annotated[
+        float,
+        typer.Option(
+            min=0, help="seconds to wait for the operations database at start (it may start later)"
+        ),
+    ] = 60.0,
 ) -> None:
     """Start a Celery worker listening to exactly the queues of these locations."""
     try:
         settings = load_transfer_settings()
-        with Session(_engine()) as s:
-            found = discover_queues(s, site=site, locations=location)
+        found = _discover_waiting(site, location, db_wait)
     except (ConfigurationError, DbConfigurationError) as exc:
         _fail(exc)
         return

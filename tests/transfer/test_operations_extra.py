@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +181,87 @@ def test_pipeline_metrics_show_backlog_and_failures(stack: Stack) -> None:
     assert (
         'ccat_transfer_failed_records{reason="PackageError",stage="raw_data_package"} 1.0' in text
     )
+
+
+def _forward_after(delay: float, listen: Path, target: Path, stop: threading.Event) -> None:
+    """Create the unix socket ``listen`` only after ``delay`` seconds (until then a client
+    finds no server, as with a database that is still starting), then relay every connection
+    to the socket ``target``."""
+    import socket
+
+    time.sleep(delay)
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(str(listen))
+        srv.listen()
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                client, _ = srv.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(target))
+
+            def pump(a: socket.socket, b: socket.socket) -> None:
+                with contextlib.suppress(OSError):
+                    while data := a.recv(65536):
+                        b.sendall(data)
+                with contextlib.suppress(OSError):
+                    b.shutdown(socket.SHUT_WR)
+
+            threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+
+
+def test_worker_waits_for_a_database_that_starts_later(stack: Stack, tmp_path: Path) -> None:
+    """A worker started before PostgreSQL answers keeps trying for --db-wait seconds and then
+    starts normally; with nothing answering it ends with an error that says what to check."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(stack.env["CCAT_OPS_DB_URL"])
+    real_dir = Path(str(url.query["host"]))
+    real = next(p for p in real_dir.glob(".s.PGSQL.*") if not p.name.endswith(".lock"))
+    relay_dir = tmp_path / "later"  # the server's socket appears here only later
+    relay_dir.mkdir()
+    moved = dict(
+        stack.env,
+        CCAT_OPS_DB_URL=url.update_query_dict({"host": str(relay_dir)}).render_as_string(
+            hide_password=False
+        ),
+    )
+    cli = [sys.executable, "-m", "data_transfer.cli", "worker", "--site", "cologne"]
+    # nothing ever answers: a clear error after the wait, naming the setting
+    gone = subprocess.run(
+        [*cli, "--db-wait", "2"], env=moved, capture_output=True, text=True, timeout=60
+    )
+    assert gone.returncode == 2, gone.stderr
+    assert "waiting for the operations database" in gone.stderr
+    flat = " ".join(gone.stderr.split())
+    assert "did not answer within 2 s" in flat and "CCAT_OPS_DB_URL" in flat, flat
+    # the database answers 4 s after the worker started: it waits, then lists its queues
+    stop = threading.Event()
+    relay = threading.Thread(
+        target=_forward_after, args=(4.0, relay_dir / real.name, real, stop), daemon=True
+    )
+    relay.start()
+    proc = subprocess.Popen([*cli, "--db-wait", "60"], env=moved, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline() if proc.stderr else ""
+            if not line:
+                break
+            lines.append(line)
+            if "worker for cologne" in line:
+                break
+        text = " ".join("".join(lines).split())
+        assert "waiting for the operations database" in text, text
+        assert "worker for cologne/*:" in text, text
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+        stop.set()
