@@ -10,7 +10,6 @@ changes right after the copy, between the sending and the receiving end's check.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import PackageState, PhysicalCopyStatus
+from data_transfer.checksums import new_hasher
 from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import MANAGERS, run_pass
 from data_transfer.movers import mover_for
@@ -57,6 +57,13 @@ def archived(stack: Stack) -> bool:
 
 
 @pytest.mark.timeout(180)
+def digest(algorithm: str, data: bytes) -> str:
+    """``data``'s checksum in the package's own algorithm (xxh3_128 by default)."""
+    hasher = new_hasher(algorithm)
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
 def test_bit_flip_in_transit_is_detected_and_fetched_again(stack: Stack) -> None:
     stack.file_observation(files=5, sizes=(2000, 20000), seed=21)
     flipped: list[Path] = []
@@ -115,7 +122,7 @@ def test_bit_flip_in_buffer_copy_is_detected_and_repaired(stack: Stack) -> None:
     drive(ctx, d, 1, ("transfers", "unpacking"))
     with Session(stack.engine) as s:
         pkg = s.scalars(select(m.RawDataPackage)).one()
-        rel, checksum = pkg.relative_path, pkg.checksum
+        rel, checksum, algorithm = pkg.relative_path, pkg.checksum, str(pkg.checksum_algorithm)
     # the unpacked, verified raw data package at Cologne rots before it is archived
     at_cologne = stack.roots["cologne/buffer"] / rel
     flip(at_cologne)
@@ -123,7 +130,7 @@ def test_bit_flip_in_buffer_copy_is_detected_and_repaired(stack: Stack) -> None:
     assert archived(stack)
     # (the repaired BUFFER copy is deleted once archived, as every BUFFER copy is)
     if at_cologne.exists():
-        assert hashlib.sha256(at_cologne.read_bytes()).hexdigest() == checksum
+        assert digest(algorithm, at_cologne.read_bytes()) == checksum
     with Session(stack.engine) as s:
         ltat = s.scalars(
             select(m.LongTermArchiveTransfer)
@@ -176,7 +183,7 @@ def test_bit_flip_in_archived_object_is_found_by_fixity_and_repaired(stack: Stac
             )
         )
         bucket, key, copy_id = lta.bucket, (lta.key_prefix or "") + pkg.relative_path, copy.id
-        checksum = pkg.checksum
+        checksum, algorithm = pkg.checksum, str(pkg.checksum_algorithm)
     obj = client.get_object(Bucket=bucket, Key=key)
     blob = bytearray(obj["Body"].read())
     blob[len(blob) // 3] ^= 0x10
@@ -192,5 +199,5 @@ def test_bit_flip_in_archived_object_is_found_by_fixity_and_repaired(stack: Stac
         assert "ChecksumMismatchError" in reason
         assert c.checksum_verified_at is not None
     again = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    assert hashlib.sha256(again).hexdigest() == checksum
+    assert digest(algorithm, again) == checksum
     assert check_archive_bytes(stack) == 2 * 5
