@@ -211,11 +211,12 @@ def run_demo(home: Path, opts: DemoOptions, console: Console, dc: LocalDataCente
                 break
             time.sleep(0.5)
         t_archived = time.monotonic()
-        for site, line in site_lines(engine).items():  # the final state, after the clean-up
-            if site in site_tasks:
-                progress.update(site_tasks[site], note=line)
         staging = stage_one_package(engine, dc, tokens["operator"], observations, progress)
-    result = summarize(engine, filed, observations, t0, t_filed, t_archived, staging)
+        result = summarize(engine, filed, observations, t0, t_filed, t_archived, staging)
+        # what each site holds at the end (after the clean-up and the released staging job)
+        final = site_lines(engine)
+        for site, task in site_tasks.items():
+            progress.update(task, note=final.get(site, "nothing left"))
     engine.dispose()
     return result
 
