@@ -644,6 +644,7 @@ def print_report(
     sha_s: float,
     run: PipelineRun,
     load: tuple[float, float],
+    settings: TransferSettings,
     cp_runs: list[tuple[float, float]] | None = None,
     hop_s: float | None = None,
 ) -> None:
@@ -681,7 +682,7 @@ def print_report(
         console.print(f"cp -r: median of {len(cp_runs)} runs ({each} s)")
     console.print(
         "checksums: every file's sha256 checked when packed and when unpacked; package tars "
-        f"{TransferSettings().checksum_algorithm} at every hop (CCAT_TRANSFER_CHECKSUM_ALGORITHM)"
+        f"{settings.checksum_algorithm} at every hop (CCAT_TRANSFER_CHECKSUM_ALGORITHM)"
     )
     if hop_s is not None:
         console.print(
@@ -810,8 +811,13 @@ def main() -> int:
         file_tree(engine, tree)
         originals = tree.originals()
 
-        # the package tars' checksum (CCAT_TRANSFER_CHECKSUM_ALGORITHM, as the pipeline reads it)
-        package_algorithm = TransferSettings().checksum_algorithm
+        settings = TransferSettings(
+            log_dir=work / "logs",
+            raw_package_idle_s=0,
+            transfer_package_max_wait_s=0,
+            retry_backoff_s=0,
+            manager_sleep_s=0,
+        )
         cold = not args.no_drop_caches and drop_caches()
         cp_runs: list[tuple[float, float]] = []
         for i in range(args.baseline_runs):
@@ -827,17 +833,10 @@ def main() -> int:
             sha_s = time_sha256sum(tree_root, originals)
         with console.status("one hop alone (the tree packed into one verified tar)"):
             prepare(cold, tree_root)
-            hop_s = time_one_hop(tree, work / "one-hop.tar", package_algorithm)
+            hop_s = time_one_hop(tree, work / "one-hop.tar", settings.checksum_algorithm)
             (work / "one-hop.tar").unlink()
             os.sync()
 
-        settings = TransferSettings(
-            log_dir=work / "logs",
-            raw_package_idle_s=0,
-            transfer_package_max_wait_s=0,
-            retry_backoff_s=0,
-            manager_sleep_s=0,
-        )
         prepare(cold, tree_root)
         load_before = os.getloadavg()[0]
         try:
@@ -851,7 +850,7 @@ def main() -> int:
         load = (load_before, os.getloadavg()[0])
         with console.status("verifying the archive against the originals"):
             problems = verify_archive(engine, roots, tree)
-        print_report(args, tree, cold, cp_s, cp_sync_s, sha_s, run, load, cp_runs, hop_s)
+        print_report(args, tree, cold, cp_s, cp_sync_s, sha_s, run, load, settings, cp_runs, hop_s)
         if problems:
             for p in problems[:20]:
                 console.print(f"[red]{p}[/]")

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stackctl import REPO, Stack, StackError, log, missing_images
 
-from data_transfer.checksums import new_hasher
+from data_transfer.checksums import hash_bytes
 
 API = "/api/v1"
 
@@ -346,9 +346,7 @@ def verify_s3(
             data = s3.get_object(Bucket=bucket, Key=a["object_key"])["Body"].read()
             nbytes += len(data)
             objects += 1
-            hasher = new_hasher(algorithm)
-            hasher.update(data)
-            if hasher.hexdigest() != pkg["checksum"]:
+            if hash_bytes(data, algorithm) != pkg["checksum"]:
                 problems.append(f"{where}: {algorithm} of the bytes differs from the package's")
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 manifest = json.load(tar.extractfile("MANIFEST.json"))  # type: ignore[arg-type]

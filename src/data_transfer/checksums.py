@@ -11,6 +11,8 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from ccat_ops_db.enums import ChecksumAlgorithm
+
 from .errors import ConfigurationError
 from .pagecache import DropBehindReader
 
@@ -18,7 +20,8 @@ from .pagecache import DropBehindReader
 #: small enough to keep memory flat with many parallel copies).
 CHUNK = 1 << 20
 
-ALGORITHMS = ("sha256", "blake2b", "md5", "adler32", "xxh3_128")
+#: Every algorithm the data center accepts: the values of the ops-db enum.
+ALGORITHMS = tuple(a.value for a in ChecksumAlgorithm)
 
 
 class Hasher(Protocol):
@@ -62,6 +65,13 @@ def new_hasher(algorithm: str = "sha256") -> Hasher:
     raise ConfigurationError(
         f"unknown checksum algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})"
     )
+
+
+def hash_bytes(data: bytes | memoryview, algorithm: str = "sha256") -> str:
+    """Hex digest of bytes already in memory."""
+    h = new_hasher(algorithm)
+    h.update(data)
+    return h.hexdigest()
 
 
 def hash_stream(stream: BinaryIO, algorithm: str = "sha256") -> tuple[str, int]:

@@ -10,10 +10,11 @@ of the 10-50 TB range that suits the long haul) or sent when the oldest package 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ccat_ops_db.enums import ChecksumAlgorithm
 
 from .errors import ConfigurationError
 from .pagecache import DEFAULT_WINDOW_MB
@@ -53,8 +54,8 @@ class TransferSettings(BaseSettings):
     # and storage between those two points, as adler32 does for FTS and crc32c for NGAS, so
     # the default is XXH3-128: 128 bits, at memory speed, where sha256 cost about 1.3 CPU-s
     # per 2 GiB for each of the seven passes a package tar gets (docs/data-transfer.md).
-    checksum_algorithm: Literal["sha256", "blake2b", "md5", "adler32", "xxh3_128"] = Field(
-        "xxh3_128", description="checksum of package tars (files keep their own)"
+    checksum_algorithm: ChecksumAlgorithm = Field(
+        ChecksumAlgorithm.XXH3_128, description="checksum of package tars (files keep their own)"
     )
 
     # --- retries and recovery -----------------------------------------------------------

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import LocationType, PackageState, PhysicalCopyStatus, Status
-from data_transfer.checksums import new_hasher
+from data_transfer.checksums import hash_bytes
 from data_transfer.deletion import packages_held
 from tests.transfer.stack import Stack, live_upstream_copies, make_stack, unarchived_files
 from tests.transfer.test_pipeline import check_archive_bytes
@@ -305,9 +305,7 @@ def check_nothing_lost(cs: ChaosStack, files: int) -> dict[str, int]:
             assert listed == want, f"{bucket}: extra {listed - want}, missing {want - listed}"
             for p in pkgs:
                 blob = client.get_object(Bucket=bucket, Key=prefix + p.relative_path)["Body"]
-                hasher = new_hasher(str(p.checksum_algorithm))
-                hasher.update(blob.read())
-                assert hasher.hexdigest() == p.checksum
+                assert hash_bytes(blob.read(), str(p.checksum_algorithm)) == p.checksum
         figures["archive_objects_rehashed"] = len(pkgs) * len(st.buckets)
         figures["files_checked_in_archives"] = check_archive_bytes(st)
         # deletion history: each SOURCE/BUFFER copy went only after a verified archive copy

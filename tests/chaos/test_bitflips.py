@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import PackageState, PhysicalCopyStatus
-from data_transfer.checksums import new_hasher
+from data_transfer.checksums import hash_bytes
 from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import MANAGERS, run_pass
 from data_transfer.movers import mover_for
@@ -57,13 +57,6 @@ def archived(stack: Stack) -> bool:
 
 
 @pytest.mark.timeout(180)
-def digest(algorithm: str, data: bytes) -> str:
-    """``data``'s checksum in the package's own algorithm (xxh3_128 by default)."""
-    hasher = new_hasher(algorithm)
-    hasher.update(data)
-    return hasher.hexdigest()
-
-
 def test_bit_flip_in_transit_is_detected_and_fetched_again(stack: Stack) -> None:
     stack.file_observation(files=5, sizes=(2000, 20000), seed=21)
     flipped: list[Path] = []
@@ -130,7 +123,7 @@ def test_bit_flip_in_buffer_copy_is_detected_and_repaired(stack: Stack) -> None:
     assert archived(stack)
     # (the repaired BUFFER copy is deleted once archived, as every BUFFER copy is)
     if at_cologne.exists():
-        assert digest(algorithm, at_cologne.read_bytes()) == checksum
+        assert hash_bytes(at_cologne.read_bytes(), algorithm) == checksum
     with Session(stack.engine) as s:
         ltat = s.scalars(
             select(m.LongTermArchiveTransfer)
@@ -199,5 +192,5 @@ def test_bit_flip_in_archived_object_is_found_by_fixity_and_repaired(stack: Stac
         assert "ChecksumMismatchError" in reason
         assert c.checksum_verified_at is not None
     again = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    assert digest(algorithm, again) == checksum
+    assert hash_bytes(again, algorithm) == checksum
     assert check_archive_bytes(stack) == 2 * 5

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import LocationType, PackageState, PhysicalCopyStatus, Status
 from data_transfer import deletion
-from data_transfer.checksums import new_hasher
+from data_transfer.checksums import hash_bytes
 from data_transfer.inline import QueueDispatcher, run_all_once
 from data_transfer.managers import run_pass
 from data_transfer.operations import Context
@@ -55,9 +55,7 @@ def check_archive_bytes(stack: Stack) -> int:
                 )
                 body = client.get_object(Bucket=bucket, Key=lta.key_prefix + pkg.relative_path)
                 blob = body["Body"].read()
-                hasher = new_hasher(str(pkg.checksum_algorithm))
-                hasher.update(blob)
-                assert hasher.hexdigest() == pkg.checksum
+                assert hash_bytes(blob, str(pkg.checksum_algorithm)) == pkg.checksum
                 meta = body["Metadata"]
                 assert pkg.checksum in meta.get("ccat-checksum", ""), meta
                 with tarfile.open(fileobj=io.BytesIO(blob)) as tar:

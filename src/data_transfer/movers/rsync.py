@@ -71,18 +71,13 @@ MAX_OUTPUT = 64 * 1024
 _RC_EXISTS = 17
 _RC_MISSING = 3
 
+#: Remote hash command per algorithm, and the Debian package that has it (the playbooks install
+#: xxhash on every site host).
 _HASH_COMMANDS = {
-    "sha256": "sha256sum",
-    "blake2b": "b2sum",
-    "md5": "md5sum",
-    # Debian/Ubuntu package xxhash (playbooks install it on every site host)
-    "xxh3_128": "xxh128sum",
-}
-_HASH_PACKAGES = {
-    "sha256sum": "coreutils",
-    "b2sum": "coreutils",
-    "md5sum": "coreutils",
-    "xxh128sum": "xxhash",
+    "sha256": ("sha256sum", "coreutils"),
+    "blake2b": ("b2sum", "coreutils"),
+    "md5": ("md5sum", "coreutils"),
+    "xxh3_128": ("xxh128sum", "xxhash"),
 }
 
 _ADLER32_PY = (
@@ -343,10 +338,10 @@ class RemoteShell:
             new_hasher(algo)  # raises ConfigurationError naming the known ones
         q = shlex.quote(path)
         if algo in _HASH_COMMANDS:
-            cmd = _HASH_COMMANDS[algo]
+            cmd, package = _HASH_COMMANDS[algo]
             hash_cmd = (
                 f"{{ command -v {cmd} >/dev/null || {{ echo '{cmd} is not installed on this "
-                f"host (Debian package {_HASH_PACKAGES[cmd]})' >&2; exit 127; }}; }} "
+                f"host (Debian package {package})' >&2; exit 127; }}; }} "
                 f"&& {cmd} -- {q}"
             )
         else:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..checksums import CHUNK, hash_file, new_hasher
+from ..checksums import CHUNK, hash_bytes, hash_file, new_hasher
 from ..errors import (
     ChecksumMismatchError,
     ConfigurationError,
@@ -287,9 +287,7 @@ class S3Mover:
             raise storage_error(exc, f"reading {where}") from exc
         if len(data) != size:
             raise StorageError(f"{where}: read {len(data)} bytes, expected {size} (file changed)")
-        h = new_hasher(algorithm)
-        h.update(data)
-        digest = h.hexdigest()
+        digest = hash_bytes(data, algorithm)
         if expected is not None and digest != expected:
             raise ChecksumMismatchError(where, expected, digest, algorithm)
         meta = {**user_meta, CHECKSUM_KEY: f"{algorithm}:{digest}"}
