@@ -46,6 +46,7 @@ def test_transfer_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
         "sha256sum",
         "one pipeline hop alone",
         "x one hop alone",
+        "5 x 'cp -r, then sync' = ",
         "package tars xxh3_128 at every hop",
         "pipeline end to end",
         "raw data package",
