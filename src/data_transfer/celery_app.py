@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import Celery
 
+from . import broker
 from .settings import TransferSettings, load_transfer_settings
 
 log = logging.getLogger("data_transfer.celery")
@@ -36,6 +37,7 @@ TASK_NAMES = {
 def make_celery(settings: TransferSettings | None = None) -> Celery:
     """Build the Celery app from the settings and register the tasks."""
     settings = settings or load_transfer_settings()
+    broker.install()  # redis:// with the fix for a Redis restart (data_transfer.broker)
     app = Celery("ccat_data_transfer", broker=settings.broker_url, backend=settings.result_backend)
     app.conf.update(
         task_acks_late=True,
