@@ -7,8 +7,8 @@ members are raw data package tars (``nested``), bundled for the long haul.
 Format (``ccat-package/1``)
 ---------------------------
 An uncompressed POSIX tar (PAX format) of regular files, written deterministically: mtime from
-the source file (whole seconds), uid/gid 0, empty user and group names, mode 0644, no directory
-members. One member, ``MANIFEST.json``, lists every other member::
+the source file (whole seconds) unless the builder names one, uid/gid 0, empty user and group
+names, mode 0644, no directory members. One member, ``MANIFEST.json``, lists every other member::
 
     {"format": "ccat-package/1", "name": "...", "created_at": "2025-01-01T00:00:00+00:00",
      "algorithm": "sha256",
@@ -69,7 +69,7 @@ import string
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -94,6 +94,7 @@ __all__ = [
     "build_package",
     "extract_package",
     "read_manifest",
+    "rebuild_package",
     "verify_package",
 ]
 
@@ -416,7 +417,8 @@ class Member:
     """A file to pack: where it is, its name in the tar, and what filing recorded about it.
 
     ``checksum`` (hex) and ``algorithm`` are the values from filing; with ``checksum=None`` the
-    checksum is computed (with ``algorithm``) while the file streams into the tar.
+    checksum is computed (with ``algorithm``) while the file streams into the tar. ``mtime``
+    goes into the member's header (default: the source file's modification time).
     """
 
     source: Path
@@ -424,6 +426,7 @@ class Member:
     size: int
     checksum: str | None
     algorithm: str = "sha256"
+    mtime: int | None = None
 
 
 @dataclass(frozen=True)
@@ -537,6 +540,95 @@ def build_package(
     )
 
 
+def rebuild_package(
+    dest: Path,
+    name: str,
+    members: list[Member],
+    *,
+    algorithm: str,
+    expected_checksum: str,
+    metadata: Mapping[str, Any] | None = None,
+    created_at: datetime | None = None,
+    fsync: bool = True,
+) -> PackageResult:
+    """Rebuild the package at ``dest`` byte for byte from ``members`` (its sources).
+
+    For a copy that rotted where it lies while its sources are still at hand (a raw data
+    package tar in a BUFFER whose files are still at the SOURCE; a transfer package whose raw
+    data package tars are beside it). The build is deterministic (see the module docstring)
+    given the manifest's ``created_at`` and each member's mtime. Those are read from the bad
+    copy's headers when they are readable (a flipped data byte leaves them so); otherwise (a
+    rotten header, a lost copy) ``created_at`` and the members' own ``mtime`` are used, which
+    the pipeline derives from its records when it first builds a package. The new tar is
+    built beside ``dest`` and replaces it only when its checksum is ``expected_checksum``, the
+    one recorded when the package was first built.
+
+    Raises :class:`PackageError` when the bad copy's manifest cannot be read and no
+    ``created_at`` is given (nothing is replaced), :class:`ChecksumMismatchError` naming a
+    source whose bytes are bad (as :func:`build_package`), or naming ``dest`` when the rebuilt
+    tar still differs from the recorded checksum (nothing is replaced).
+    """
+    dest = Path(dest)
+    try:
+        recorded, mtimes = _layout(dest)
+    except PackageError:
+        if created_at is None:
+            raise
+        recorded, mtimes = None, {}
+    created = created_at
+    if recorded is not None:
+        try:
+            created = datetime.fromisoformat(recorded)
+        except ValueError as exc:
+            raise PackageError(f"{dest}: manifest created_at {recorded!r}: {exc}") from exc
+    planned = [replace(m, mtime=mtimes.get(m.arcname, m.mtime)) for m in members]
+    scratch = dest.with_name(f"{dest.name}.rebuild")
+    result = build_package(
+        scratch,
+        name,
+        planned,
+        algorithm=algorithm,
+        metadata=metadata,
+        created_at=created,
+        fsync=fsync,
+    )
+    if result.checksum != _norm(expected_checksum):
+        scratch.unlink(missing_ok=True)
+        raise ChecksumMismatchError(
+            f"{dest} (rebuilt from its sources)",
+            _norm(expected_checksum),
+            result.checksum,
+            algorithm,
+        )
+    os.replace(scratch, dest)
+    if fsync:
+        _fsync_dir(dest.parent)
+    return replace(result, path=dest)
+
+
+def _layout(path: Path) -> tuple[str, dict[str, int]]:
+    """A package's manifest ``created_at`` and every member's mtime, read from its headers."""
+    label = str(path)
+    mtimes: dict[str, int] = {}
+    created_at: str | None = None
+    try:
+        with tarfile.open(path, mode="r:", encoding="utf-8") as tar:
+            for info in iter(tar.next, None):
+                tar.members.clear()
+                if info.name == MANIFEST_NAME:
+                    created_at = _read_manifest_member(tar, info, label).created_at
+                else:
+                    mtimes[info.name] = int(info.mtime)
+    except (tarfile.TarError, OSError, UnpackError) as exc:
+        if created_at is None:
+            raise PackageError(
+                f"{label}: cannot be rebuilt byte for byte: its manifest is unreadable ({exc})"
+            ) from exc
+    if created_at is None:
+        raise PackageError(f"{label}: cannot be rebuilt byte for byte: no {MANIFEST_NAME}")
+    return created_at, mtimes
+
+
 def _norm(checksum: str | None) -> str:
     """A checksum as the manifest stores it: hex, lower case, no surrounding blanks."""
     return (checksum or "").strip().lower()
@@ -583,7 +675,8 @@ def _add_member(tar: tarfile.TarFile, m: Member) -> ManifestEntry:
             )
         dropping = DropBehindReader(src)
         reader = HashingReader(dropping, algorithm)  # type: ignore[arg-type]
-        info = _tarinfo(m.arcname, m.size, int(st.st_mtime), algorithm)
+        mtime = int(st.st_mtime) if m.mtime is None else int(m.mtime)
+        info = _tarinfo(m.arcname, m.size, mtime, algorithm)
         try:
             tar.addfile(info, reader)  # type: ignore[arg-type]
             dropping.done()

@@ -39,6 +39,7 @@ from data_transfer.packaging import (
     build_package,
     extract_package,
     read_manifest,
+    rebuild_package,
     verify_package,
 )
 
@@ -328,6 +329,101 @@ def test_build_replaces_an_existing_package(tmp_path: Path) -> None:
     (tmp_path / "p.tar").write_bytes(b"old")
     result = build_package(tmp_path / "p.tar", "p", mixed_tree(tmp_path))
     assert hashlib.sha256((tmp_path / "p.tar").read_bytes()).hexdigest() == result.checksum
+
+
+# --------------------------------------------------------------------------------------------
+# rebuilding a rotten copy from its sources
+
+
+def _built(tmp_path: Path) -> tuple[Path, list[Member], str, bytes]:
+    members = mixed_tree(tmp_path)
+    dest = tmp_path / "buf" / "p.tar"
+    # built at another time than the rebuild: created_at must come from the bad copy
+    result = build_package(dest, "p", members, metadata={"obs": 7}, created_at=CREATED)
+    return dest, members, result.checksum, dest.read_bytes()
+
+
+def test_rebuild_restores_a_rotten_package_byte_for_byte(tmp_path: Path) -> None:
+    dest, members, checksum, original = _built(tmp_path)
+    # the sources' mtimes moved on since (touched by a backup, say): the headers keep theirs
+    for m in members:
+        os.utime(m.source, (1_900_000_000, 1_900_000_000))
+    flip_byte(dest, data_offset(dest, members[3].arcname) + 100)
+    assert dest.read_bytes() != original
+    result = rebuild_package(
+        dest,
+        "p",
+        [filed(m.source, m.arcname, m.algorithm) for m in members],
+        algorithm="sha256",
+        expected_checksum=checksum,
+        metadata={"obs": 7},
+    )
+    assert dest.read_bytes() == original
+    assert result.path == dest and result.checksum == checksum
+    assert leftovers(dest.parent) == [dest]
+
+
+def test_rebuild_refuses_when_a_source_went_bad_too(tmp_path: Path) -> None:
+    dest, members, checksum, _ = _built(tmp_path)
+    flip_byte(dest, data_offset(dest, members[2].arcname) + 5)
+    rotten = dest.read_bytes()
+    flip_byte(members[2].source, 10)  # the file at the SOURCE rotted as well
+    with pytest.raises(ChecksumMismatchError) as err:
+        rebuild_package(
+            dest, "p", members, algorithm="sha256", expected_checksum=checksum, metadata={"obs": 7}
+        )
+    assert err.value.path == str(members[2].source)
+    assert dest.read_bytes() == rotten  # left as it was, for a person to look at
+    assert leftovers(dest.parent) == [dest]
+
+
+def test_rebuild_refuses_different_bytes_and_an_unreadable_manifest(tmp_path: Path) -> None:
+    dest, members, checksum, _ = _built(tmp_path)
+    flip_byte(dest, data_offset(dest, members[1].arcname))
+    rotten = dest.read_bytes()
+    # the metadata recorded now differs from the build's: the result is not the recorded tar
+    with pytest.raises(ChecksumMismatchError, match="rebuilt from its sources"):
+        rebuild_package(
+            dest, "p", members, algorithm="sha256", expected_checksum=checksum, metadata={"obs": 8}
+        )
+    assert dest.read_bytes() == rotten and leftovers(dest.parent) == [dest]
+    # a flipped byte in the manifest's header: created_at cannot be read from the bad copy,
+    # so without one from the caller nothing is replaced
+    flip_byte(dest, 100)
+    with pytest.raises(PackageError, match="cannot be rebuilt byte for byte: its manifest"):
+        rebuild_package(
+            dest, "p", members, algorithm="sha256", expected_checksum=checksum, metadata={"obs": 7}
+        )
+    assert leftovers(dest.parent) == [dest]
+
+
+def test_rebuild_from_records_alone_when_the_headers_are_gone(tmp_path: Path) -> None:
+    dest, members, checksum, original = _built(tmp_path)
+    # the caller knows created_at (the pipeline keeps it on the package record) and the
+    # members' mtimes: a rotten header, or a copy lost altogether, is rebuilt all the same
+    flip_byte(dest, 100)
+    rebuild_package(
+        dest,
+        "p",
+        members,
+        algorithm="sha256",
+        expected_checksum=checksum,
+        metadata={"obs": 7},
+        created_at=CREATED,
+    )
+    assert dest.read_bytes() == original
+    dest.unlink()
+    rebuild_package(
+        dest,
+        "p",
+        members,
+        algorithm="sha256",
+        expected_checksum=checksum,
+        metadata={"obs": 7},
+        created_at=CREATED,
+    )
+    assert dest.read_bytes() == original
+    assert leftovers(dest.parent) == [dest]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Property tests: random orders of manager passes, task failures, lost tasks and dead workers.
+"""Property tests: random orders of manager passes, task failures, lost tasks, dead workers and
+bit rot (a byte flipped anywhere in a package tar lying in a BUFFER).
 
 Whatever happens, (1) no SOURCE or BUFFER copy is ever deleted unless every package it holds is
 ARCHIVED with a verified archive copy, and (2) no package is written into the same archive
@@ -8,9 +9,11 @@ twice. And once the faults stop, everything reaches the archives.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,6 +68,7 @@ class World:
         self.fail_rate = 0.0
         self.drop_rate = 0.0
         self.archive_writes: Counter[tuple[str, str]] = Counter()
+        self.rotted = 0
 
 
 @pytest.fixture(scope="module")
@@ -124,20 +128,52 @@ def check_invariants(stack: Stack, world: World) -> None:
     assert all(n == 1 for n in world.archive_writes.values()), world.archive_writes
 
 
+def rot_a_buffer_copy(stack: Stack, world: World, pick: int) -> None:
+    """Flip one byte anywhere (data, header or padding) in a package tar lying in a BUFFER."""
+    with Session(stack.engine) as s:
+        rows = s.execute(
+            select(m.PhysicalCopy, m.DataLocation)
+            .join(m.DataLocation)
+            .where(
+                m.DataLocation.location_type == LocationType.BUFFER,
+                m.PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                m.PhysicalCopy.raw_data_package_id.is_not(None)
+                | m.PhysicalCopy.data_transfer_package_id.is_not(None),
+            )
+            .order_by(m.PhysicalCopy.id)
+        ).all()
+        paths = []
+        for copy, loc in rows:
+            item = getattr(copy, "raw_data_package", None) or copy.data_transfer_package
+            path = Path(loc.root_path) / (copy.relative_path or item.relative_path)
+            if path.is_file() and path.stat().st_size:
+                paths.append(path)
+    if paths:
+        path = paths[pick % len(paths)]
+        with open(path, "r+b") as f:
+            f.seek(world.rng.randrange(path.stat().st_size))
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0xFF]))
+        world.rotted += 1
+
+
 ACTIONS = st.lists(
     st.one_of(
         st.tuples(st.just("pass"), st.sampled_from(list(MANAGERS))),
         st.tuples(st.just("drain"), st.sampled_from([0.0, 0.3, 0.7]), st.sampled_from([0.0, 0.3])),
         st.tuples(st.just("file"), st.integers(1, 3)),
         st.tuples(st.just("kill"), st.integers(0, 3)),
+        st.tuples(st.just("rot"), st.integers(0, 50)),
     ),
     min_size=5,
     max_size=40,
 )
 
 
+# CCAT_PROPERTY_EXAMPLES=500 for a longer hunt than the suite's default
 @settings(
-    max_examples=12,
+    max_examples=int(os.environ.get("CCAT_PROPERTY_EXAMPLES", "12")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -167,6 +203,8 @@ def test_random_passes_and_faults_never_break_the_rules(world_stack, actions, se
                 for task in todo:
                     if task.kind in state.KINDS:
                         state.claim(s, task.kind, task.payload)
+        elif kind == "rot":
+            rot_a_buffer_copy(stack, world, action[1])
         check_invariants(stack, world)
     # the faults stop: recovery and the managers finish the work
     world.fail_rate = world.drop_rate = 0.0

@@ -1,0 +1,201 @@
+"""Bit rot at the telescope's BUFFER, before the bytes leave the site.
+
+The package tars there are the only copies of their kind: a raw data package tar before it is
+bundled, a transfer package before it is sent. A mismatch found while reading one must not
+block the package until its retries run out: the copy is re-hashed where it lies and, when it
+is bad, rebuilt byte for byte from what it was made of (the files still at the SOURCE; the raw
+data package tars beside the transfer package), checked against the checksum recorded when it
+was first built. When that cannot be done (the source rotted too) the failure says so on the
+copy and on the operation, and nothing upstream is deleted.
+
+Real PostgreSQL, real files, archives on moto's S3 server (tests/transfer/stack.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_ops_db import models as m
+from ccat_ops_db.enums import PackageState, PhysicalCopyStatus, Status
+from data_transfer.checksums import hash_file
+from data_transfer.inline import QueueDispatcher
+from data_transfer.managers import run_pass
+from data_transfer.operations import Context
+from tests.transfer.stack import Stack, make_stack
+from tests.transfer.test_pipeline import check_archive_bytes, ctx_for, run_until_quiet
+
+
+@pytest.fixture
+def stack(pg_url: str, tmp_path: Path, s3_server) -> Iterator[Stack]:
+    st = make_stack(pg_url, tmp_path, s3_server, None)
+    yield st
+    st.engine.dispose()
+
+
+def flip(path: Path, where: float = 0.5) -> None:
+    """Flip one byte in place (inside a file's data for packages of these sizes)."""
+    with open(path, "r+b") as f:
+        f.seek(int(path.stat().st_size * where))
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def passes(ctx: Context, *names: str) -> list[str]:
+    """Run manager passes, each followed by its tasks; returns the task results."""
+    d, results = QueueDispatcher(), []
+    for name in names:
+        run_pass(name, ctx.engine, ctx.settings, d)
+        results += [o.result for o in d.drain(ctx)]
+    return results
+
+
+def buffer_copy(s: Session, key: str, item_id: int) -> m.PhysicalCopy:
+    return s.scalars(
+        select(m.PhysicalCopy)
+        .join(m.DataLocation)
+        .join(m.Site)
+        .where(getattr(m.PhysicalCopy, key) == item_id, m.Site.short_name == "ccat")
+    ).one()
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "data byte":
+        flip(path)
+    elif how == "header byte":  # inside the first header: the manifest's, unreadable now
+        flip(path, 100 / path.stat().st_size)
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize(
+    ("how", "error", "seen"),
+    [
+        ("data byte", "ChecksumMismatchError", "is bad"),
+        ("header byte", "ChecksumMismatchError", "is bad"),
+        ("lost", "PackageError", "is unreadable"),
+    ],
+)
+def test_rotten_raw_data_package_is_rebuilt_from_the_source(
+    stack: Stack, how: str, error: str, seen: str
+) -> None:
+    stack.file_observation(files=4, seed=4, sizes=(50_000, 90_000))
+    ctx = ctx_for(stack)
+    passes(ctx, "raw_data_packages")
+    with Session(stack.engine) as s:
+        pkg = s.scalars(select(m.RawDataPackage)).one()
+        tar = stack.roots["ccat/buffer"] / pkg.relative_path
+        original, pkg_id = tar.read_bytes(), pkg.id
+    damage(tar, how)
+    assert passes(ctx, "transfer_packages") == ["retry"]
+    assert tar.read_bytes() == original  # rebuilt byte for byte, before the retry
+    with Session(stack.engine) as s:
+        dtp = s.scalars(select(m.DataTransferPackage)).one()
+        assert dtp.status == Status.PENDING and dtp.retry_count == 1
+        assert dtp.failure_reason.startswith(error), dtp.failure_reason
+        assert "rebuilt from its files at ccat/" in dtp.failure_reason, dtp.failure_reason
+        copy = buffer_copy(s, "raw_data_package_id", pkg_id)
+        assert copy.status == PhysicalCopyStatus.PRESENT
+        assert seen in copy.failure_reason and "rebuilt from" in copy.failure_reason
+        assert copy.checksum_verified_at is not None
+    run_until_quiet(ctx)
+    with Session(stack.engine) as s:
+        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
+    assert check_archive_bytes(stack) == 2 * 4
+
+
+def test_lost_transfer_package_is_rebuilt_instead_of_failing_for_good(stack: Stack) -> None:
+    stack.file_observation(files=3, seed=7, sizes=(50_000, 90_000))
+    ctx = ctx_for(stack)
+    passes(ctx, "raw_data_packages", "transfer_packages", "transfer_packages")
+    with Session(stack.engine) as s:
+        dtp = s.scalars(select(m.DataTransferPackage)).one()
+        tar = stack.roots["ccat/buffer"] / dtp.relative_path
+        original = tar.read_bytes()
+    tar.unlink()  # "no such file" alone is final: the copy is gone and nobody brings it back
+    assert passes(ctx, "transfers") == ["retry"]
+    assert tar.read_bytes() == original
+    with Session(stack.engine) as s:
+        t = s.scalars(select(m.DataTransfer)).one()
+        assert t.status == Status.PENDING, t.failure_reason
+        assert "no such file" in t.failure_reason and "is unreadable" in t.failure_reason
+        assert "rebuilt from the raw data package tars at ccat/buffer" in t.failure_reason
+    run_until_quiet(ctx)
+    with Session(stack.engine) as s:
+        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
+    assert check_archive_bytes(stack) == 2 * 3
+
+
+def test_rotten_transfer_package_is_rebuilt_before_it_is_sent(stack: Stack) -> None:
+    stack.file_observation(files=4, seed=5, sizes=(50_000, 90_000))
+    ctx = ctx_for(stack)
+    passes(ctx, "raw_data_packages", "transfer_packages", "transfer_packages")
+    with Session(stack.engine) as s:
+        dtp = s.scalars(select(m.DataTransferPackage)).one()
+        assert dtp.status == Status.COMPLETED
+        tar = stack.roots["ccat/buffer"] / dtp.relative_path
+        original, dtp_id = tar.read_bytes(), dtp.id
+        raw = stack.roots["ccat/buffer"] / dtp.raw_data_packages[0].relative_path
+    # the transfer package and a raw data package tar inside it both rotted in the BUFFER:
+    # the raw data package is rebuilt from the SOURCE first, then the transfer package from it
+    flip(tar, 0.3)
+    flip(raw, 0.6)
+    assert passes(ctx, "transfers") == ["retry"]
+    assert tar.read_bytes() == original
+    with Session(stack.engine) as s:
+        t = s.scalars(select(m.DataTransfer)).one()
+        assert t.status == Status.PENDING and t.retry_count == 1
+        assert "rebuilt from the raw data package tars at ccat/buffer" in t.failure_reason
+        logs = [x.message for x in s.scalars(select(m.DataTransferLog))]
+        assert any("is bad" in x and "rebuilt" in x for x in logs), logs
+        copy = buffer_copy(s, "data_transfer_package_id", dtp_id)
+        assert copy.checksum_verified_at is not None and "rebuilt" in copy.failure_reason
+        inner = buffer_copy(s, "raw_data_package_id", s.scalars(select(m.RawDataPackage)).one().id)
+        assert "rebuilt from its files" in inner.failure_reason, inner.failure_reason
+    run_until_quiet(ctx)
+    with Session(stack.engine) as s:
+        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
+    assert check_archive_bytes(stack) == 2 * 4
+
+
+def test_a_copy_that_cannot_be_rebuilt_stops_visibly_and_nothing_is_deleted(
+    stack: Stack,
+) -> None:
+    stack.file_observation(files=3, seed=6, sizes=(50_000, 90_000))
+    ctx = ctx_for(stack, max_retries=2)
+    passes(ctx, "raw_data_packages")
+    with Session(stack.engine) as s:
+        pkg = s.scalars(select(m.RawDataPackage)).one()
+        tar = stack.roots["ccat/buffer"] / pkg.relative_path
+        biggest = max(pkg.files, key=lambda f: f.size)
+        src = stack.roots["ccat/primecam_raw_data"] / biggest.relative_path
+        pkg_id = pkg.id
+    flip(tar)
+    flip(src)  # the file at the SOURCE rotted too: there is nothing good to rebuild from
+    for _ in range(4):
+        passes(ctx, "transfer_packages", "transfer_packages")
+    with Session(stack.engine) as s:
+        dtp = s.scalars(select(m.DataTransferPackage)).one()
+        assert dtp.status == Status.FAILED and dtp.retry_count == 3
+        assert "could not be rebuilt: ChecksumMismatchError" in dtp.failure_reason
+        assert str(src) in dtp.failure_reason, dtp.failure_reason
+        copy = buffer_copy(s, "raw_data_package_id", pkg_id)
+        assert copy.checksum_verified_at is None  # marked bad
+        assert copy.status == PhysicalCopyStatus.PRESENT  # kept for a person to look at
+    run_until_quiet(ctx)
+    with Session(stack.engine) as s:
+        assert s.get(m.RawDataPackage, pkg_id).state != PackageState.ARCHIVED
+        live = s.scalars(
+            select(m.PhysicalCopy).where(m.PhysicalCopy.status != PhysicalCopyStatus.PRESENT)
+        ).all()
+        assert live == [], [(c.id, c.status) for c in live]
+    # every other SOURCE file is there, untouched
+    for rel, digest in stack.originals.items():
+        path = stack.roots["ccat/primecam_raw_data"] / rel
+        if path != src:
+            assert hash_file(path, "sha256")[0].encode() == digest
