@@ -514,7 +514,7 @@ def transfer(ctx: Context, transfer_id: int) -> Outcome:
             )
         except TransferSystemError as exc:
             # the origin's copy may have rotted or gone: check it, repair or rebuild it, retry
-            if isinstance(exc, ChecksumMismatchError) or _is_lost(mover, src, path):
+            if isinstance(exc, ChecksumMismatchError) or _is_lost(ctx, src, path):
                 repair = repair_package_copy(
                     ctx, "data_transfer_package", dtp_id, src, path, expected
                 )
@@ -555,10 +555,10 @@ def transfer(ctx: Context, transfer_id: int) -> Outcome:
     return _run(ctx, "data_transfer", transfer_id, body)
 
 
-def _is_lost(mover: Any, loc: LocationRef, path: str) -> bool:
+def _is_lost(ctx: Context, loc: LocationRef, path: str) -> bool:
     """True when the file is known to be absent at ``loc`` (False when that cannot be told)."""
     try:
-        return mover.size(loc, path) is None
+        return ctx.mover_factory(loc, loc, None).size(loc, path) is None
     except Exception:
         return False
 
@@ -653,11 +653,14 @@ def archive(ctx: Context, ltat_id: int) -> Outcome:
                 expected_checksum=expected,
                 metadata=metadata,
             )
-        except ChecksumMismatchError as exc:
-            # the BUFFER copy may have rotted: check it, repair it from a good copy, retry
-            _attach_repair(
-                exc, repair_package_copy(ctx, "raw_data_package", pkg_id, src, path, expected)
-            )
+        except TransferSystemError as exc:
+            # the BUFFER copy may have rotted or gone: check it, repair it from a good copy
+            # (or rebuild it), retry
+            if isinstance(exc, ChecksumMismatchError) or _is_lost(ctx, src, path):
+                repair = repair_package_copy(ctx, "raw_data_package", pkg_id, src, path, expected)
+                _attach_repair(exc, repair)
+                if repair is not None and repair.fixed:
+                    exc.retryable = True  # "no such file" is final, unless it is back
             raise
         sidecar_path = path + ".meta.json"
         # one name per archive record: an attempt killed between writing and removing it leaves

@@ -199,3 +199,25 @@ def test_a_copy_that_cannot_be_rebuilt_stops_visibly_and_nothing_is_deleted(
         path = stack.roots["ccat/primecam_raw_data"] / rel
         if path != src:
             assert hash_file(path, "sha256")[0].encode() == digest
+
+
+def test_a_lost_buffer_copy_at_the_archive_site_is_fetched_again(stack: Stack) -> None:
+    stack.file_observation(files=3, seed=8, sizes=(50_000, 90_000))
+    ctx = ctx_for(stack)
+    passes(ctx, "raw_data_packages", "transfer_packages", "transfer_packages")
+    passes(ctx, "transfers", "unpacking")
+    with Session(stack.engine) as s:
+        pkg = s.scalars(select(m.RawDataPackage)).one()
+        at_cologne = stack.roots["cologne/buffer"] / pkg.relative_path
+        original = at_cologne.read_bytes()
+    at_cologne.unlink()  # gone after unpacking, before archiving
+    results = passes(ctx, "archive")
+    assert "retry" in results and "failed" not in results, results
+    assert at_cologne.read_bytes() == original  # from the telescope's verified BUFFER copy
+    with Session(stack.engine) as s:
+        logs = [x.message for x in s.scalars(select(m.DataTransferLog))]
+        assert any("is unreadable" in x and "repaired from ccat/buffer" in x for x in logs), logs
+    run_until_quiet(ctx)
+    with Session(stack.engine) as s:
+        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
+    assert check_archive_bytes(stack) == 2 * 3
