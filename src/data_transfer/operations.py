@@ -822,6 +822,8 @@ def _rebuild(
             members, meta, source = _raw_package_sources(s, pkg)
             name, algorithm, label = pkg.name, str(pkg.checksum_algorithm), _ref(source).label
             built_at = _built_at(pkg)
+            if _ref(source).site != loc.site:
+                raise ConfigurationError(f"its files are at {label}, another site than {loc.label}")
         packaging.rebuild_package(
             loc.path(path),
             name,
