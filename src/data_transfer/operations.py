@@ -16,10 +16,12 @@ the same pass that writes it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
 import os
+import shutil
 import traceback
 import uuid
 from collections.abc import Callable
@@ -56,6 +58,7 @@ from .errors import (
     ChecksumMismatchError,
     ConfigurationError,
     PackageError,
+    StorageError,
     TransferSystemError,
     UnpackError,
 )
@@ -71,6 +74,8 @@ log = logging.getLogger("data_transfer.operations")
 #: Folder (in the archive's origin BUFFER) where an archive task writes the metadata sidecar
 #: before copying it next to the package in the archive.
 SIDECAR_DIR = ".sidecars"
+#: Scratch folder (inside a BUFFER) for package tars fetched to rebuild a transfer package.
+REPAIR_DIR = ".repair"
 
 #: ``(src, dst, method, options=...) -> Mover``; defaults to :func:`movers.mover_for`.
 MoverFactory = Callable[..., Any]
@@ -834,39 +839,94 @@ def _rebuild(
             created_at=built_at,
         )
         return f"its files at {label}"
-    for attempt in (1, 2):
-        with ctx.session() as s:
-            dtp = s.get(DataTransferPackage, item_id)
-            assert dtp is not None
-            members, meta, inner = _transfer_package_sources(s, dtp, loc)
-            name, algorithm, built_at = dtp.name, str(dtp.checksum_algorithm), _built_at(dtp)
-        try:
-            packaging.rebuild_package(
-                loc.path(path),
-                name,
-                members,
-                algorithm=algorithm,
-                expected_checksum=expected,
-                metadata=meta,
-                created_at=built_at,
-            )
-            return f"the raw data package tars at {loc.label}"
-        except ChecksumMismatchError as exc:
-            # a raw data package tar it is made of is bad too: repair that one first, once
-            hit = [
-                (pid, m) for pid, m in zip(inner, members, strict=True) if str(m.source) == exc.path
-            ]
-            if attempt == 2 or not hit:
-                raise
-            pid, member = hit[0]
-            fixed = repair_package_copy(
-                ctx, "raw_data_package", pid, loc, member.arcname, member.checksum
-            )
-            if fixed is not None:
-                _record_repair(ctx, fixed)
-                if not fixed.fixed:
+    # raw data package tars gone from here (deleted once archived) are fetched from a
+    # verified copy elsewhere into a scratch folder on the same disk, used, and removed
+    scratch_dir = Path(loc.path(REPAIR_DIR)) / uuid.uuid4().hex
+    scratch = dataclasses.replace(loc, root_path=str(scratch_dir), host=None)
+    try:
+        for attempt in (1, 2):
+            with ctx.session() as s:
+                dtp = s.get(DataTransferPackage, item_id)
+                assert dtp is not None
+                members, meta, inner = _transfer_package_sources(s, dtp, loc)
+                name, algorithm, built_at = dtp.name, str(dtp.checksum_algorithm), _built_at(dtp)
+                gone = {
+                    i: _good_copies(s, "raw_data_package_id", pid, loc.id, members[i].checksum)
+                    for i, pid in enumerate(inner)
+                    if not members[i].source.exists()
+                }
+            fetched: set[str] = set()
+            for i, goods in gone.items():
+                got, where = _fetch(ctx, goods, members[i], loc, scratch)
+                members[i] = dataclasses.replace(members[i], source=got)
+                fetched.add(where)
+            try:
+                packaging.rebuild_package(
+                    loc.path(path),
+                    name,
+                    members,
+                    algorithm=algorithm,
+                    expected_checksum=expected,
+                    metadata=meta,
+                    created_at=built_at,
+                )
+            except ChecksumMismatchError as exc:
+                # a raw data package tar it is made of is bad too: repair that one, once
+                hit = [
+                    (pid, m)
+                    for pid, m in zip(inner, members, strict=True)
+                    if str(m.source) == exc.path and not str(m.source).startswith(str(scratch_dir))
+                ]
+                if attempt == 2 or not hit:
                     raise
+                pid, member = hit[0]
+                fixed = repair_package_copy(
+                    ctx, "raw_data_package", pid, loc, member.arcname, member.checksum
+                )
+                if fixed is not None:
+                    _record_repair(ctx, fixed)
+                    if not fixed.fixed:
+                        raise
+                continue
+            what = f"the raw data package tars at {loc.label}"
+            if gone:
+                what += f" ({len(gone)} of them fetched from {', '.join(sorted(fetched))})"
+            return what
+    finally:
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            scratch_dir.parent.rmdir()
     raise AssertionError("unreachable")
+
+
+def _fetch(
+    ctx: Context,
+    goods: list[tuple[LocationRef, str | None]],
+    member: packaging.Member,
+    loc: LocationRef,
+    scratch: LocationRef,
+) -> tuple[Path, str]:
+    """Copy a raw data package tar from the first good copy that works into ``scratch``;
+    returns where it now is and where it came from."""
+    for good, good_path in goods:
+        try:
+            repair_copy(
+                ctx,
+                good,
+                good_path or member.arcname,
+                scratch,
+                member.arcname,
+                member.checksum,
+                member.algorithm,
+            )
+        except Exception as exc:  # try the next good copy
+            log.warning("fetching %s from %s failed: %s", member.arcname, good.label, exc)
+            continue
+        return scratch.path(member.arcname), good.label
+    raise StorageError(
+        f"{member.arcname}: gone from {loc.label} and no verified copy elsewhere could be fetched",
+        retryable=False,
+    )
 
 
 def _record_repair(ctx: Context, repair: Repair) -> None:

@@ -221,3 +221,37 @@ def test_a_lost_buffer_copy_at_the_archive_site_is_fetched_again(stack: Stack) -
     with Session(stack.engine) as s:
         assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
     assert check_archive_bytes(stack) == 2 * 3
+
+
+def test_rotten_transfer_package_for_the_second_archive_is_rebuilt_from_the_first(
+    stack: Stack,
+) -> None:
+    """Cologne forwards the transfer package to the US archive site. By then the telescope's
+    copies are deleted and so are Cologne's raw data package tars (Cologne's archive holds
+    them): when Cologne's transfer package rots, the only good bytes are in an archive."""
+    stack.file_observation(files=3, seed=9, sizes=(50_000, 90_000))
+    ctx = ctx_for(stack)
+    passes(ctx, "raw_data_packages", "transfer_packages", "transfer_packages")
+    passes(ctx, "transfers", "unpacking", "archive", "deletion")
+    with Session(stack.engine) as s:
+        dtp = s.scalars(select(m.DataTransferPackage)).one()
+        pkg = s.scalars(select(m.RawDataPackage)).one()
+        assert pkg.state == PackageState.ARCHIVED
+        secondary = s.scalars(select(m.DataTransfer).where(m.DataTransfer.is_secondary)).one()
+        assert secondary.status != Status.COMPLETED
+        tar = stack.roots["cologne/buffer"] / dtp.relative_path
+        original = tar.read_bytes()
+    assert not (stack.roots["ccat/buffer"] / dtp.relative_path).exists()
+    assert not (stack.roots["cologne/buffer"] / pkg.relative_path).exists()
+    flip(tar)
+    assert passes(ctx, "transfers") == ["retry"]
+    assert tar.read_bytes() == original
+    with Session(stack.engine) as s:
+        t = s.get(m.DataTransfer, secondary.id)
+        assert "rebuilt from the raw data package tars at cologne/buffer" in t.failure_reason
+        assert "1 of them fetched from cologne/lta" in t.failure_reason, t.failure_reason
+    # the scratch copy of the raw data package tar is gone again
+    assert not (stack.roots["cologne/buffer"] / ".repair").exists()
+    assert not (stack.roots["cologne/buffer"] / pkg.relative_path).exists()
+    run_until_quiet(ctx)
+    assert check_archive_bytes(stack) == 2 * 3
