@@ -908,6 +908,8 @@ def _fetch(
 ) -> tuple[Path, str]:
     """Copy a raw data package tar from the first good copy that works into ``scratch``;
     returns where it now is and where it came from."""
+    # a temporary name the stale-file sweeper knows (``.part-<hex>``), should this be killed
+    name = f"{member.arcname}.part-{uuid.uuid4().hex[:12]}"
     for good, good_path in goods:
         try:
             repair_copy(
@@ -915,14 +917,14 @@ def _fetch(
                 good,
                 good_path or member.arcname,
                 scratch,
-                member.arcname,
+                name,
                 member.checksum,
                 member.algorithm,
             )
         except Exception as exc:  # try the next good copy
             log.warning("fetching %s from %s failed: %s", member.arcname, good.label, exc)
             continue
-        return scratch.path(member.arcname), good.label
+        return scratch.path(name), good.label
     raise StorageError(
         f"{member.arcname}: gone from {loc.label} and no verified copy elsewhere could be fetched",
         retryable=False,

@@ -582,7 +582,8 @@ def rebuild_package(
         except ValueError as exc:
             raise PackageError(f"{dest}: manifest created_at {recorded!r}: {exc}") from exc
     planned = [replace(m, mtime=mtimes.get(m.arcname, m.mtime)) for m in members]
-    scratch = dest.with_name(f"{dest.name}.rebuild")
+    # a temporary name the stale-file sweeper knows (``.part-<hex>``), should this be killed
+    scratch = dest.with_name(f"{dest.name}.part-{secrets.token_hex(6)}")
     result = build_package(
         scratch,
         name,
