@@ -401,29 +401,19 @@ def test_rebuild_from_records_alone_when_the_headers_are_gone(tmp_path: Path) ->
     dest, members, checksum, original = _built(tmp_path)
     # the caller knows created_at (the pipeline keeps it on the package record) and the
     # members' mtimes: a rotten header, or a copy lost altogether, is rebuilt all the same
-    flip_byte(dest, 100)
-    rebuild_package(
-        dest,
-        "p",
-        members,
-        algorithm="sha256",
-        expected_checksum=checksum,
-        metadata={"obs": 7},
-        created_at=CREATED,
-    )
-    assert dest.read_bytes() == original
-    dest.unlink()
-    rebuild_package(
-        dest,
-        "p",
-        members,
-        algorithm="sha256",
-        expected_checksum=checksum,
-        metadata={"obs": 7},
-        created_at=CREATED,
-    )
-    assert dest.read_bytes() == original
-    assert leftovers(dest.parent) == [dest]
+    for damage in (lambda: flip_byte(dest, 100), dest.unlink):
+        damage()
+        rebuild_package(
+            dest,
+            "p",
+            members,
+            algorithm="sha256",
+            expected_checksum=checksum,
+            metadata={"obs": 7},
+            created_at=CREATED,
+        )
+        assert dest.read_bytes() == original
+        assert leftovers(dest.parent) == [dest]
 
 
 # --------------------------------------------------------------------------------------------

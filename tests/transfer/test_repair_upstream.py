@@ -55,6 +55,15 @@ def passes(ctx: Context, *names: str) -> list[str]:
     return results
 
 
+def finishes_with_original_bytes(stack: Stack, ctx: Context) -> int:
+    """Run every manager until quiet; every package ARCHIVED; count the files read back from
+    both archives and found equal to the originals."""
+    run_until_quiet(ctx)
+    with Session(stack.engine) as s:
+        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
+    return check_archive_bytes(stack)
+
+
 def buffer_copy(s: Session, key: str, item_id: int) -> m.PhysicalCopy:
     return s.scalars(
         select(m.PhysicalCopy)
@@ -103,10 +112,7 @@ def test_rotten_raw_data_package_is_rebuilt_from_the_source(
         assert copy.status == PhysicalCopyStatus.PRESENT
         assert seen in copy.failure_reason and "rebuilt from" in copy.failure_reason
         assert copy.checksum_verified_at is not None
-    run_until_quiet(ctx)
-    with Session(stack.engine) as s:
-        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
-    assert check_archive_bytes(stack) == 2 * 4
+    assert finishes_with_original_bytes(stack, ctx) == 2 * 4
 
 
 def test_lost_transfer_package_is_rebuilt_instead_of_failing_for_good(stack: Stack) -> None:
@@ -125,10 +131,7 @@ def test_lost_transfer_package_is_rebuilt_instead_of_failing_for_good(stack: Sta
         assert t.status == Status.PENDING, t.failure_reason
         assert "no such file" in t.failure_reason and "is unreadable" in t.failure_reason
         assert "rebuilt from the raw data package tars at ccat/buffer" in t.failure_reason
-    run_until_quiet(ctx)
-    with Session(stack.engine) as s:
-        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
-    assert check_archive_bytes(stack) == 2 * 3
+    assert finishes_with_original_bytes(stack, ctx) == 2 * 3
 
 
 def test_rotten_transfer_package_is_rebuilt_before_it_is_sent(stack: Stack) -> None:
@@ -157,10 +160,7 @@ def test_rotten_transfer_package_is_rebuilt_before_it_is_sent(stack: Stack) -> N
         assert copy.checksum_verified_at is not None and "rebuilt" in copy.failure_reason
         inner = buffer_copy(s, "raw_data_package_id", s.scalars(select(m.RawDataPackage)).one().id)
         assert "rebuilt from its files" in inner.failure_reason, inner.failure_reason
-    run_until_quiet(ctx)
-    with Session(stack.engine) as s:
-        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
-    assert check_archive_bytes(stack) == 2 * 4
+    assert finishes_with_original_bytes(stack, ctx) == 2 * 4
 
 
 def test_a_copy_that_cannot_be_rebuilt_stops_visibly_and_nothing_is_deleted(
@@ -217,10 +217,7 @@ def test_a_lost_buffer_copy_at_the_archive_site_is_fetched_again(stack: Stack) -
     with Session(stack.engine) as s:
         logs = [x.message for x in s.scalars(select(m.DataTransferLog))]
         assert any("is unreadable" in x and "repaired from ccat/buffer" in x for x in logs), logs
-    run_until_quiet(ctx)
-    with Session(stack.engine) as s:
-        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
-    assert check_archive_bytes(stack) == 2 * 3
+    assert finishes_with_original_bytes(stack, ctx) == 2 * 3
 
 
 def test_rotten_transfer_package_for_the_second_archive_is_rebuilt_from_the_first(
