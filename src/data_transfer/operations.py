@@ -66,7 +66,7 @@ from .heartbeat import Heartbeats, MemoryHeartbeats, beating, task_key
 from .locations import LocationRef
 from .metrics import TASK_METRICS
 from .movers import mover_for
-from .movers.space import ensure_space
+from .movers.space import REPAIR_DIR, ensure_space
 from .settings import TransferSettings
 
 log = logging.getLogger("data_transfer.operations")
@@ -74,9 +74,6 @@ log = logging.getLogger("data_transfer.operations")
 #: Folder (in the archive's origin BUFFER) where an archive task writes the metadata sidecar
 #: before copying it next to the package in the archive.
 SIDECAR_DIR = ".sidecars"
-#: Scratch folder (inside a BUFFER) for package tars fetched to rebuild a transfer package.
-REPAIR_DIR = ".repair"
-
 #: ``(src, dst, method, options=...) -> Mover``; defaults to :func:`movers.mover_for`.
 MoverFactory = Callable[..., Any]
 

@@ -12,11 +12,13 @@ returns, the next attempt simply goes through.
 Writers never put bytes at the final name directly: they write ``<name>.part-<random>`` and
 rename it after verifying, so a write cut short by a real ENOSPC (or a kill) leaves at most a
 ``.part-*`` file, which nothing takes for a package. :func:`sweep_stale_parts` removes such
-left-overs once they are older than ``CCAT_TRANSFER_PART_FILE_MAX_AGE_S``.
+left-overs once they are older than ``CCAT_TRANSFER_PART_FILE_MAX_AGE_S``, and with them the
+empty scratch folders a killed repair leaves under ``<buffer>/.repair/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -33,6 +35,10 @@ log = logging.getLogger("data_transfer.space")
 
 #: Temporary names the writers use: ``.part-<hex>`` (local, packaging) and ``.part-rsync``.
 PART_NAME = re.compile(r"\.part-([0-9a-f]{6,}|rsync)$")
+
+#: Scratch folder of a repair inside a BUFFER (``<root>/.repair/<uuid>/``), removed by the
+#: repair when it ends; a killed repair leaves it behind.
+REPAIR_DIR = ".repair"
 
 _last_sweep: dict[str, float] = {}
 _sweep_lock = threading.Lock()
@@ -84,7 +90,25 @@ def sweep_stale_parts(root: Path, max_age_s: float) -> list[Path]:
                 continue
     if removed:
         log.warning("removed %d stale temporary files under %s", len(removed), root)
+    _sweep_repair_scratch(root / REPAIR_DIR, cutoff, {path.parent for path in removed})
     return removed
+
+
+def _sweep_repair_scratch(scratch: Path, cutoff: float, emptied: set[Path]) -> None:
+    """Remove empty repair scratch folders not modified since ``cutoff``, or just emptied of
+    stale parts by this sweep (a live repair's folder changes whenever it fetches a tar)."""
+    if not scratch.is_dir():
+        return
+    for folder in scratch.iterdir():
+        try:
+            if folder.is_dir() and (folder in emptied or folder.stat().st_mtime < cutoff):
+                folder.rmdir()  # only when empty: OSError otherwise
+                log.warning("removed the stale repair scratch folder %s", folder)
+        except OSError:
+            continue
+    with contextlib.suppress(OSError):
+        if scratch.stat().st_mtime < cutoff:
+            scratch.rmdir()
 
 
 def ensure_space(
