@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -207,6 +208,58 @@ def test_ssh_command_line() -> None:
     assert "-p 2222" in cmd[cmd.index("-e") + 1]
 
 
+def test_ssh_connection_sharing_options(tmp_path: Path) -> None:
+    """Sessions share one connection per host, user, port and ssh options; the socket folder
+    must be private; ``control_persist: 0`` turns sharing off."""
+    ctl = tempfile.mkdtemp(prefix="ccs-")  # short: a socket name holds 107 bytes
+    try:
+        base = {"identity_file": "/k1", "control_dir": ctl}
+        args = SshConfig.from_options(base).base_args(22)
+        joined = " ".join(args)
+        assert "ControlMaster=auto" in joined and "ControlPersist=60" in joined
+        path = SshConfig.from_options(base).control_path()
+        assert path is not None and path.startswith(ctl + "/") and path.endswith("-%C")
+        assert f"ControlPath={path}" in joined
+        # another key (or known-hosts file) never borrows this connection
+        other = SshConfig.from_options({**base, "identity_file": "/k2"}).control_path()
+        assert other != path
+        # the user's own ssh_options come first, so theirs win (ssh takes the first value)
+        mine = SshConfig.from_options({**base, "ssh_options": ["ControlMaster=no"]}).base_args()
+        assert mine.index("ControlMaster=no") < mine.index("ControlMaster=auto")
+        off = SshConfig.from_options({**base, "control_persist": 0}).base_args()
+        assert not any(a.startswith("Control") for a in off)
+        with pytest.raises(ConfigurationError, match="control_persist"):
+            SshConfig.from_options({"control_persist": "soon"})
+        # bbcp's own ssh command carries no %C (bbcp substitutes its own % tokens)
+        assert "ControlPath" not in " ".join(SshConfig.from_options(base).base_args(share=False))
+    finally:
+        shutil.rmtree(ctl)
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    with pytest.raises(ConfigurationError, match=f"control_dir {open_dir}: others can open it"):
+        SshConfig.from_options({"control_dir": str(open_dir)}).base_args()
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        SshConfig.from_options({"control_dir": str(put(tmp_path, "file", b""))}).base_args()
+    deep = tmp_path / ("d" * 80)
+    with pytest.raises(ConfigurationError, match="too long for a unix socket"):
+        SshConfig.from_options({"control_dir": str(deep)}).base_args()
+
+
+def test_unsafe_default_socket_folder_turns_sharing_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tmp_path.chmod(0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / f"ccat-ssh-{os.getuid()}").mkdir(mode=0o777)
+    (tmp_path / f"ccat-ssh-{os.getuid()}").chmod(0o777)  # e.g. made by someone else's umask
+    with caplog.at_level("WARNING", logger="data_transfer.movers.ssh"):
+        args = SshConfig.from_options({}).base_args()
+    assert not any(a.startswith("Control") for a in args)
+    assert "ssh connection sharing is off" in caplog.text and "mode 777" in caplog.text
+
+
 def disk_like(root: str) -> LocationRef:
     return LocationRef(
         id=2,
@@ -371,6 +424,41 @@ def test_network_and_auth_failures(sshd: SshServer, tmp_path: Path) -> None:
         RsyncMover({**sshd.options, "known_hosts_file": str(bad_hosts)}).size(target, "f")
     assert not info.value.retryable
     assert "host key" in str(info.value)
+
+
+def test_one_copy_opens_one_ssh_connection(
+    sshd: SshServer, remote_disk: LocationRef, tmp_path: Path
+) -> None:
+    """A copy is four ssh sessions (prepare, rsync, checksum, commit); with sharing they ride
+    on one connection (counted in the server's log), without it each opens its own."""
+    src = disk(tmp_path / "local", "source")
+    data = os.urandom(200_000)
+    put(tmp_path / "local", "f.tar", data)
+    digest = hashlib.sha256(data).hexdigest()
+
+    def logins() -> int:
+        return sshd.log_file.read_text(errors="replace").count("Accepted publickey")
+
+    ctl = tempfile.mkdtemp(prefix="ccs-")
+    try:
+        opened = []
+        for n, persist in enumerate((60, 0)):
+            mover = RsyncMover({**sshd.options, "control_dir": ctl, "control_persist": persist})
+            before = logins()
+            mover.copy(src, "f.tar", remote_disk, f"shared/{n}.tar", expected_checksum=digest)
+            assert mover.checksum(remote_disk, f"shared/{n}.tar") == digest
+            assert mover.delete(remote_disk, f"shared/{n}.tar") is True
+            opened.append(logins() - before)
+        assert opened[0] == 1, f"with sharing: {opened[0]} connections for one copy"
+        assert opened[1] >= 5, f"without sharing: {opened[1]} connections (one per session)"
+    finally:
+        for sock in Path(ctl).iterdir():  # stop the master rather than wait for ControlPersist
+            subprocess.run(
+                ["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"],
+                capture_output=True,
+                timeout=10,
+            )
+        shutil.rmtree(ctl, ignore_errors=True)
 
 
 def test_remote_to_remote_refused(sshd: SshServer, remote_disk: LocationRef) -> None:

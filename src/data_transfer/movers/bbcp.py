@@ -294,7 +294,7 @@ def bbcp_failure(returncode: int, output: str, where: str) -> TransferSystemErro
 
 def _ssh_start_command(ssh: SshConfig, port: int | None, remote_bbcp: str) -> str:
     """The ``-S``/``-T`` command: our ssh settings, then bbcp's %I/%U/%H substitutions."""
-    return f"{shlex.join(ssh.base_args(port))} -x -a %I -l %U %H {remote_bbcp}"
+    return f"{shlex.join(ssh.base_args(port, share=False))} -x -a %I -l %U %H {remote_bbcp}"
 
 
 def make_bbcp_command(

@@ -23,6 +23,16 @@ a verification against *our* checksum, not a repair of rsync's.
 Both ends local (no ``host``) also works, without ssh: the unit tests use it. Both ends remote
 does not (rsync cannot copy between two remote hosts): run the worker on one of them.
 
+One copy makes four ssh sessions (prepare, rsync, checksum, commit). They share one
+connection: ssh's connection multiplexing (``ControlMaster=auto``, ``ControlPersist``) keeps a
+master connection per host, user, port and ssh configuration open for ``control_persist``
+seconds (default 60; 0 opens a new connection for every session). Across a link with a
+quarter-second round trip each new connection costs a second or more of handshakes, so a copy
+saves several seconds, and a deletion pass over many files far more. The master's socket lives
+in a folder only this user can open (``control_dir``, default ``<tmp>/ccat-ssh-<uid>``); its
+name carries a hash of the ssh options, so a route with another key or known-hosts file never
+borrows a connection opened with different ones.
+
 The ssh helpers (:class:`SshConfig`, :class:`RemoteShell`, :func:`classify_failure`) and the
 copy/verify/commit skeleton (:class:`SshFileMover`) are shared with the bbcp mover.
 """
@@ -30,10 +40,14 @@ copy/verify/commit skeleton (:class:`SshFileMover`) are shared with the bbcp mov
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
 import re
 import shlex
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +74,8 @@ from .local import (
     normalize_checksum,
     storage_error,
 )
+
+log = logging.getLogger("data_transfer.movers.ssh")
 
 #: Suffix of the temporary name rsync and bbcp write to (fixed so a retry resumes).
 PART_SUFFIX = ".part-rsync"
@@ -100,8 +116,11 @@ class SshConfig:
     Options read: ``identity_file``, ``known_hosts_file``, ``strict_host_key_checking``
     (``yes``, the default, ``accept-new`` or ``no``), ``connect_timeout`` (s, default 30),
     ``server_alive_interval`` (s, default 15), ``ssh_command`` (default ``ssh``),
-    ``ssh_options`` (extra ``-o`` values, e.g. ``["Ciphers=aes128-gcm@openssh.com"]``),
-    ``ssh_config_file`` (``-F``; ``/dev/null`` ignores the user's ~/.ssh/config).
+    ``ssh_options`` (extra ``-o`` values, e.g. ``["Ciphers=aes128-gcm@openssh.com"]``; they
+    come before the mover's own connection-sharing options, so ``ControlMaster=no`` there
+    wins), ``ssh_config_file`` (``-F``; ``/dev/null`` ignores the user's ~/.ssh/config),
+    ``control_persist`` (s, default 60; 0: no connection sharing) and ``control_dir`` (the
+    folder for the shared connections' sockets; it must be this user's, mode 0700).
     """
 
     ssh_command: str = "ssh"
@@ -112,6 +131,8 @@ class SshConfig:
     server_alive_interval: int = 15
     extra_options: tuple[str, ...] = field(default_factory=tuple)
     config_file: str | None = None
+    control_persist: int = 60
+    control_dir: str | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SshConfig:
@@ -124,6 +145,15 @@ class SshConfig:
         extra = options.get("ssh_options") or ()
         if isinstance(extra, str):
             extra = (extra,)
+        try:
+            persist = int(options.get("control_persist", 60))
+        except (TypeError, ValueError):
+            persist = -1
+        if persist < 0:
+            raise ConfigurationError(
+                "control_persist must be a whole number of seconds >= 0 (0: no connection"
+                f" sharing), not {options.get('control_persist')!r}"
+            )
         return cls(
             ssh_command=str(options.get("ssh_command", "ssh")),
             identity_file=_opt_str(options.get("identity_file")),
@@ -133,10 +163,16 @@ class SshConfig:
             server_alive_interval=int(options.get("server_alive_interval", 15)),
             extra_options=tuple(str(o) for o in extra),
             config_file=_opt_str(options.get("ssh_config_file")),
+            control_persist=persist,
+            control_dir=_opt_str(options.get("control_dir")),
         )
 
-    def base_args(self, port: int | None = None) -> list[str]:
-        """``ssh`` and its options, without user and host (what ``rsync -e`` takes)."""
+    def base_args(self, port: int | None = None, *, share: bool = True) -> list[str]:
+        """``ssh`` and its options, without user and host (what ``rsync -e`` takes).
+
+        ``share=False`` leaves out connection sharing (bbcp's own ssh start command, whose
+        ``%`` tokens would clash with the socket name's ``%C``).
+        """
         args = shlex.split(self.ssh_command)
         if self.config_file:
             args += ["-F", self.config_file]
@@ -160,7 +196,52 @@ class SshConfig:
             args += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
         for opt in self.extra_options:
             args += ["-o", opt]
+        path = self.control_path() if share else None
+        if path:
+            args += [
+                "-o",
+                "ControlMaster=auto",
+                "-o",
+                f"ControlPath={path}",
+                "-o",
+                f"ControlPersist={self.control_persist}",
+            ]
         return args
+
+    def control_path(self) -> str | None:
+        """The socket name of the shared connection (``%C``: ssh's hash of local host, host,
+        port and user), or None when sharing is off or its folder is not safe to use.
+
+        The folder is made mode 0700; one that is not this user's or that others can open is
+        refused: with ``control_dir`` set, as a ConfigurationError naming it; for the default
+        folder, with a warning, and each session then opens its own connection.
+        """
+        if self.control_persist <= 0:
+            return None
+        folder = self.control_dir or os.path.join(tempfile.gettempdir(), f"ccat-ssh-{os.getuid()}")
+        problem = _private_folder(folder)
+        if problem is None:
+            key = hashlib.sha256(
+                repr(
+                    (
+                        self.ssh_command,
+                        self.identity_file,
+                        self.known_hosts_file,
+                        self.strict_host_key_checking,
+                        self.config_file,
+                        self.extra_options,
+                    )
+                ).encode()
+            ).hexdigest()[:12]
+            path = os.path.join(folder, f"{key}-%C")
+            # a unix socket name holds 107 bytes; ssh adds 17 for its temporary name, %C is 40
+            if len(path.encode()) - 2 + 40 + 17 <= 107:
+                return path
+            problem = "its path is too long for a unix socket name"
+        if self.control_dir:
+            raise ConfigurationError(f"control_dir {folder}: {problem}")
+        _warn_once(f"ssh connection sharing is off: {folder}: {problem}")
+        return None
 
     def argv(self, loc: LocationRef, remote_command: str) -> list[str]:
         """Full argv running ``remote_command`` (a shell string) on ``loc``'s host."""
@@ -173,6 +254,37 @@ class SshConfig:
 
 def _opt_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
+
+
+def _private_folder(folder: str) -> str | None:
+    """Make ``folder`` (mode 0700) if missing; what is wrong with it, or None if it is ours
+    and closed to others."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except FileExistsError:  # something else than a folder: said below
+        pass
+    except OSError as exc:
+        return f"cannot be made ({exc.strerror})"
+    try:
+        st = os.lstat(folder)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.getuid():
+        return f"belongs to uid {st.st_uid}, not to this user ({os.getuid()})"
+    if st.st_mode & 0o077:
+        return f"others can open it (mode {stat.S_IMODE(st.st_mode):o}; it must be 700)"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def _require_host(loc: LocationRef) -> str:
