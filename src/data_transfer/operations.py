@@ -74,6 +74,7 @@ log = logging.getLogger("data_transfer.operations")
 #: Folder (in the archive's origin BUFFER) where an archive task writes the metadata sidecar
 #: before copying it next to the package in the archive.
 SIDECAR_DIR = ".sidecars"
+
 #: ``(src, dst, method, options=...) -> Mover``; defaults to :func:`movers.mover_for`.
 MoverFactory = Callable[..., Any]
 

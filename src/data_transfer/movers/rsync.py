@@ -40,6 +40,7 @@ copy/verify/commit skeleton (:class:`SshFileMover`) are shared with the bbcp mov
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -208,6 +209,20 @@ class SshConfig:
             ]
         return args
 
+    @functools.cached_property
+    def _share_key(self) -> str:
+        """A hash of the options that decide who we log in as and whom we trust: a connection
+        opened with other ones is never shared."""
+        who = (
+            self.ssh_command,
+            self.identity_file,
+            self.known_hosts_file,
+            self.strict_host_key_checking,
+            self.config_file,
+            self.extra_options,
+        )
+        return hashlib.sha256(repr(who).encode()).hexdigest()[:12]
+
     def control_path(self) -> str | None:
         """The socket name of the shared connection (``%C``: ssh's hash of local host, host,
         port and user), or None when sharing is off or its folder is not safe to use.
@@ -221,19 +236,7 @@ class SshConfig:
         folder = self.control_dir or os.path.join(tempfile.gettempdir(), f"ccat-ssh-{os.getuid()}")
         problem = _private_folder(folder)
         if problem is None:
-            key = hashlib.sha256(
-                repr(
-                    (
-                        self.ssh_command,
-                        self.identity_file,
-                        self.known_hosts_file,
-                        self.strict_host_key_checking,
-                        self.config_file,
-                        self.extra_options,
-                    )
-                ).encode()
-            ).hexdigest()[:12]
-            path = os.path.join(folder, f"{key}-%C")
+            path = os.path.join(folder, f"{self._share_key}-%C")
             # a unix socket name holds 107 bytes; ssh adds 17 for its temporary name, %C is 40
             if len(path.encode()) - 2 + 40 + 17 <= 107:
                 return path
