@@ -12,8 +12,8 @@ returns, the next attempt simply goes through.
 Writers never put bytes at the final name directly: they write ``<name>.part-<random>`` and
 rename it after verifying, so a write cut short by a real ENOSPC (or a kill) leaves at most a
 ``.part-*`` file, which nothing takes for a package. :func:`sweep_stale_parts` removes such
-left-overs once they are older than ``CCAT_TRANSFER_PART_FILE_MAX_AGE_S``, and with them the
-empty scratch folders a killed repair leaves under ``<buffer>/.repair/``.
+left-overs once unchanged (mtime and ctime) for ``CCAT_TRANSFER_PART_FILE_MAX_AGE_S``, and with
+them the empty scratch folders a killed repair leaves under ``<buffer>/.repair/``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from ..locations import LocationRef
 
 log = logging.getLogger("data_transfer.space")
 
-#: Temporary names the writers use: ``.part-<hex>`` (local, packaging) and ``.part-rsync``.
-PART_NAME = re.compile(r"\.part-([0-9a-f]{6,}|rsync)$")
+#: Temporary names the writers use: ``.part-<hex>`` (local, packaging), ``.part-rsync`` and
+#: ``.part-bbcp``.
+PART_NAME = re.compile(r"\.part-([0-9a-f]{6,}|rsync|bbcp)$")
 
 #: Scratch folder of a repair inside a BUFFER (``<root>/.repair/<uuid>/``), removed by the
 #: repair when it ends; a killed repair leaves it behind.
@@ -71,8 +72,20 @@ def is_out_of_space(exc: BaseException) -> bool:
     return False
 
 
+def last_change(st: os.stat_result) -> float:
+    """When a file was last written, renamed or re-stamped: the later of its mtime and ctime.
+
+    mtime alone is not enough: ``rsync --times`` (and any copy that keeps the source's times)
+    gives a temporary file that was finished a moment ago the source's old mtime, while its
+    ctime is set by the kernel on every write, rename or time change and cannot be back-dated.
+    """
+    return max(st.st_mtime, st.st_ctime)
+
+
 def sweep_stale_parts(root: Path, max_age_s: float) -> list[Path]:
-    """Remove ``*.part-*`` files under ``root`` not modified for ``max_age_s``; return them."""
+    """Remove ``*.part-*`` files under ``root`` unchanged for ``max_age_s`` (by
+    :func:`last_change`: a finished copy carrying its source's old mtime is not stale);
+    return them."""
     removed: list[Path] = []
     if not root.is_dir():
         return removed
@@ -83,7 +96,7 @@ def sweep_stale_parts(root: Path, max_age_s: float) -> list[Path]:
                 continue
             path = Path(folder) / name
             try:
-                if path.stat().st_mtime < cutoff:
+                if last_change(path.stat()) < cutoff:
                     path.unlink()
                     removed.append(path)
             except FileNotFoundError:  # its writer finished or removed it meanwhile
@@ -101,13 +114,13 @@ def _sweep_repair_scratch(scratch: Path, cutoff: float, emptied: set[Path]) -> N
         return
     for folder in scratch.iterdir():
         try:
-            if folder.is_dir() and (folder in emptied or folder.stat().st_mtime < cutoff):
+            if folder.is_dir() and (folder in emptied or last_change(folder.stat()) < cutoff):
                 folder.rmdir()  # only when empty: OSError otherwise
                 log.warning("removed the stale repair scratch folder %s", folder)
         except OSError:
             continue
     with contextlib.suppress(OSError):
-        if scratch.stat().st_mtime < cutoff:
+        if last_change(scratch.stat()) < cutoff:
             scratch.rmdir()
 
 
