@@ -485,12 +485,21 @@ def _repair_members(
     inner: list[int],
     members: list[packaging.Member],
 ) -> None:
-    """After bundling failed: repair the raw data package tar it failed on (bad or lost)."""
+    """After bundling failed: repair the raw data package tar it failed on (bad, lost, or of
+    another size than its record: truncated or grown)."""
     for pid, m in zip(inner, members, strict=True):
-        if getattr(exc, "path", None) == str(m.source) or not m.source.exists():
+        if getattr(exc, "path", None) == str(m.source) or _size_differs(m.source, m.size):
             repair = repair_package_copy(ctx, "raw_data_package", pid, buf, m.arcname, m.checksum)
             _attach_repair(exc, repair)
             return
+
+
+def _size_differs(path: Path, size: int | None) -> bool:
+    """True when ``path`` is gone or its size is not ``size`` (a copy damaged on disk)."""
+    try:
+        return size is not None and path.stat().st_size != size
+    except FileNotFoundError:
+        return True
 
 
 # --- stage 3: inter-site transfer ---------------------------------------------------------
@@ -868,12 +877,17 @@ def _rebuild(
                     metadata=meta,
                     created_at=built_at,
                 )
-            except ChecksumMismatchError as exc:
-                # a raw data package tar it is made of is bad too: repair that one, once
+            except (ChecksumMismatchError, PackageError) as exc:
+                # a raw data package tar it is made of is bad too (its bytes or its size):
+                # repair that one, once
                 hit = [
                     (pid, m)
                     for pid, m in zip(inner, members, strict=True)
-                    if str(m.source) == exc.path and not str(m.source).startswith(str(scratch_dir))
+                    if (
+                        getattr(exc, "path", None) == str(m.source)
+                        or _size_differs(m.source, m.size)
+                    )
+                    and not str(m.source).startswith(str(scratch_dir))
                 ]
                 if attempt == 2 or not hit:
                     raise

@@ -13,6 +13,7 @@ Real PostgreSQL, real files, archives on moto's S3 server (tests/transfer/stack.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def damage(path: Path, how: str) -> None:
         flip(path)
     elif how == "header byte":  # inside the first header: the manifest's, unreadable now
         flip(path, 100 / path.stat().st_size)
+    elif how == "truncated":  # cut short (a disk that filled up, a bad block dropped)
+        os.truncate(path, path.stat().st_size // 2)
     else:
         path.unlink()
 
@@ -88,6 +91,7 @@ def damage(path: Path, how: str) -> None:
         ("data byte", "ChecksumMismatchError", "is bad"),
         ("header byte", "ChecksumMismatchError", "is bad"),
         ("lost", "PackageError", "is unreadable"),
+        ("truncated", "PackageError", "is bad"),
     ],
 )
 def test_rotten_raw_data_package_is_rebuilt_from_the_source(
@@ -134,7 +138,8 @@ def test_lost_transfer_package_is_rebuilt_instead_of_failing_for_good(stack: Sta
     assert finishes_with_original_bytes(stack, ctx) == 2 * 3
 
 
-def test_rotten_transfer_package_is_rebuilt_before_it_is_sent(stack: Stack) -> None:
+@pytest.mark.parametrize("how", ["data byte", "truncated"])
+def test_rotten_transfer_package_is_rebuilt_before_it_is_sent(stack: Stack, how: str) -> None:
     stack.file_observation(files=4, seed=5, sizes=(50_000, 90_000))
     ctx = ctx_for(stack)
     passes(ctx, "raw_data_packages", "transfer_packages", "transfer_packages")
@@ -146,8 +151,12 @@ def test_rotten_transfer_package_is_rebuilt_before_it_is_sent(stack: Stack) -> N
         raw = stack.roots["ccat/buffer"] / dtp.raw_data_packages[0].relative_path
     # the transfer package and a raw data package tar inside it both rotted in the BUFFER:
     # the raw data package is rebuilt from the SOURCE first, then the transfer package from it
-    flip(tar, 0.3)
-    flip(raw, 0.6)
+    if how == "truncated":
+        damage(tar, how)
+        damage(raw, how)
+    else:
+        flip(tar, 0.3)
+        flip(raw, 0.6)
     assert passes(ctx, "transfers") == ["retry"]
     assert tar.read_bytes() == original
     with Session(stack.engine) as s:
