@@ -29,6 +29,14 @@ class StorageError(TransferSystemError):
     """Reading, writing, listing or deleting at a location failed (disk, S3, remote host)."""
 
 
+class DestinationBlockedError(StorageError):
+    """Something at the destination is in the way of a file being written (a folder, a
+    symbolic link or a file where a folder must go). The package is not at fault, so it is not
+    fetched again; retrying cannot help until a person clears the path the message names."""
+
+    retryable = False
+
+
 class NetworkError(StorageError):
     """The remote end could not be reached or the connection broke."""
 
@@ -60,6 +68,17 @@ class PackageError(TransferSystemError):
 
 class UnpackError(PackageError):
     """A package could not be unpacked (truncated, corrupt, manifest missing or inconsistent)."""
+
+
+class CopyBusyError(TransferSystemError):
+    """The copy this task would write is being deleted right now: wait for the deletion to
+    end and try again, without using up a retry (like a full BUFFER)."""
+
+    counts_as_attempt = False
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class BBCPError(NetworkError):

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .checksums import ALGORITHMS, CHUNK, Hasher, new_hasher
-from .errors import ChecksumMismatchError, PackageError, UnpackError
+from .errors import ChecksumMismatchError, DestinationBlockedError, PackageError, UnpackError
 from .pagecache import DropBehindReader, WriteBehindFile
 
 __all__ = [
@@ -1229,7 +1229,7 @@ class _Staging:
         final = self.final_path(name)
         self._make_parents(name)
         if final.is_dir() and not final.is_symlink():
-            raise UnpackError(f"{final}: a directory is in the way of member {name}")
+            raise DestinationBlockedError(f"{final}: a directory is in the way of member {name}")
         part = final.with_name(f"{final.name}.part-{secrets.token_hex(6)}")
         fobj = WriteBehindFile(open(part, "xb"), window=None if self.fsync else 0)  # noqa: SIM115 - closed by the caller
         self.parts.append((part, final))
@@ -1250,11 +1250,13 @@ class _Staging:
             except FileExistsError:
                 mode = os.lstat(current).st_mode
                 if stat.S_ISLNK(mode):
-                    raise UnpackError(
+                    raise DestinationBlockedError(
                         f"{current}: is a symbolic link; refusing to write {name} through it"
                     ) from None
                 if not stat.S_ISDIR(mode):
-                    raise UnpackError(f"{current}: not a directory, in the way of {name}") from None
+                    raise DestinationBlockedError(
+                        f"{current}: not a directory, in the way of {name}"
+                    ) from None
             else:
                 self.created_dirs.append(current)
             self._checked_dirs.add(current)

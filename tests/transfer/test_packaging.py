@@ -27,7 +27,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_transfer.checksums import ALGORITHMS, CHUNK, hash_file
-from data_transfer.errors import ChecksumMismatchError, PackageError, UnpackError
+from data_transfer.errors import (
+    ChecksumMismatchError,
+    DestinationBlockedError,
+    PackageError,
+    UnpackError,
+)
 from data_transfer.packaging import (
     FORMAT,
     MANIFEST_NAME,
@@ -567,7 +572,7 @@ def test_symlink_inside_destination_is_not_followed(tmp_path: Path) -> None:
     (out / "obs").symlink_to(outside)
     src = make_file(tmp_path / "s", 10)
     build_package(tmp_path / "p.tar", "p", [filed(src, "obs/file")])
-    with pytest.raises(UnpackError, match="symbolic link"):
+    with pytest.raises(DestinationBlockedError, match="symbolic link"):
         extract_package(tmp_path / "p.tar", out)
     assert leftovers(outside) == []
 

@@ -14,6 +14,7 @@ Real PostgreSQL, real files, archives on moto's S3 server (tests/transfer/stack.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,3 +262,36 @@ def test_rotten_transfer_package_for_the_second_archive_is_rebuilt_from_the_firs
     assert not (stack.roots["cologne/buffer"] / pkg.relative_path).exists()
     run_until_quiet(ctx)
     assert check_archive_bytes(stack) == 2 * 3
+
+
+def test_something_in_the_way_of_an_unpack_is_not_taken_for_a_bad_package(stack: Stack) -> None:
+    """A folder where the unpack must write a file: the transfer package that arrived is fine,
+    so it is kept (not deleted and fetched again over the long link); the unpack stops at once
+    with the path to clear, and goes through after a person cleared it and retried it."""
+    stack.file_observation(files=3, seed=8, sizes=(50_000, 90_000))
+    ctx = ctx_for(stack)
+    passes(ctx, "raw_data_packages", "transfer_packages", "transfer_packages", "transfers")
+    with Session(stack.engine) as s:
+        pkg = s.scalars(select(m.RawDataPackage)).one()
+        blocker = stack.roots["cologne/buffer"] / pkg.relative_path
+    blocker.mkdir(parents=True)
+    (blocker / "someone's notes.txt").write_text("not a package")
+
+    assert passes(ctx, "unpacking") == ["failed"]
+    with Session(stack.engine) as s:
+        t = s.scalars(select(m.DataTransfer)).one()
+        assert t.status == Status.COMPLETED and t.unpack_status == Status.FAILED
+        assert t.unpack_failure_reason.startswith("DestinationBlockedError: "), t
+        assert f"{blocker}: a directory is in the way" in t.unpack_failure_reason
+        arrived = s.scalars(
+            select(m.PhysicalCopy).where(
+                m.PhysicalCopy.data_transfer_package_id == t.data_transfer_package_id,
+                m.PhysicalCopy.data_location_id == t.destination_location_id,
+            )
+        ).one()
+        assert arrived.status == PhysicalCopyStatus.PRESENT  # kept, not fetched again
+    shutil.rmtree(blocker)
+    with Session(stack.engine) as s, s.begin():  # what `retry` on the API does
+        t = s.scalars(select(m.DataTransfer)).one()
+        t.unpack_status, t.unpack_retry_count = Status.PENDING, 0
+    assert finishes_with_original_bytes(stack, ctx) == 2 * 3
