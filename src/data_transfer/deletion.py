@@ -9,7 +9,9 @@ A copy at a SOURCE or BUFFER location may go only when every raw data package it
 3. is marked ARCHIVED.
 
 On top of that, a copy is kept while the pipeline still needs it: a transfer package while a
-transfer from or an unpack at its location is unfinished; a raw data package tar in a buffer
+transfer from or an unpack at its location is unfinished, and at the sending end also until the
+destination has unpacked and verified what it received (a bad copy found there is fetched
+again from here); a raw data package tar in a buffer
 while an archive transfer from it is unfinished or an archive at its site still lacks it.
 Temporary copies (any location with ``retention_hours``) stay for their retention period unless
 the location is above its high-water mark. Copies in PROCESSING stay while an active staging
@@ -255,7 +257,12 @@ class _Rules:
 
     def _busy_transfer_packages(self, copies: list[PhysicalCopy]) -> set[tuple[int, int]]:
         """(transfer package, location) pairs with a transfer from, or a transfer or unpack
-        into, that location unfinished."""
+        into, that location unfinished.
+
+        The origin of a completed transfer stays busy until the unpack at the destination is
+        done too: an unpack that finds the copy bad drops it and sets the transfer back to
+        PENDING, to fetch it again from the origin.
+        """
         ids = {
             c.data_transfer_package_id
             for c in copies
@@ -276,7 +283,7 @@ class _Rules:
                 DataTransfer.status.in_(ACTIVE) | DataTransfer.unpack_status.in_(ACTIVE),
             )
         ):
-            if status in ACTIVE:
+            if status in ACTIVE or (status == Status.COMPLETED and unpack in ACTIVE):
                 busy.add((dtp, origin))
             if status in ACTIVE or unpack in ACTIVE:
                 busy.add((dtp, dest))
@@ -350,9 +357,12 @@ class _Rules:
 
 
 def candidates(
-    session: Session, now: dt.datetime, *, max_retries: int, limit: int
+    session: Session, now: dt.datetime, *, max_retries: int, limit: int, after: int = 0
 ) -> Select[tuple[PhysicalCopy]]:
-    """The copies the deletion manager asks :func:`verdict` about, oldest first.
+    """The copies the deletion manager asks :func:`verdict` about: the first ``limit`` by id
+    above ``after`` (keyset pagination; the manager moves ``after`` on from pass to pass, so
+    copies the rules refuse for long, e.g. ones an active staging job holds, do not fill every
+    window and hide the copies behind them).
 
     Live copies (PRESENT, STAGED) at SOURCE, BUFFER and PROCESSING locations, and failed
     deletions whose back-off has passed; staged files go with their package directory. At
@@ -395,6 +405,7 @@ def candidates(
             )
         )
     live = and_(
+        PhysicalCopy.id > after,
         PhysicalCopy.status.in_(
             [
                 PhysicalCopyStatus.PRESENT,

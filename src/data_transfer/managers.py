@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -100,7 +101,9 @@ def _schedule_and_submit(
             if state.schedule(s, kind, record_id):
                 sent.append((record_id, queue))
     for record_id, queue in sent:
-        dispatcher.submit(kind, str(record_id) if kind == "staging_job" else record_id, queue)
+        # the record id as the task takes it (an int; the Celery task still accepts a str,
+        # as older managers sent staging job ids)
+        dispatcher.submit(kind, record_id, queue)
         log.info("submitted %s %s", kind, record_id, extra={"kind": kind, "record_id": record_id})
     report.scheduled += len(sent)
 
@@ -342,14 +345,32 @@ def _make_dtp(s: Session, settings: TransferSettings, loc_id: int, package_ids: 
 # --- stage 3 and 4 ----------------------------------------------------------------------------
 
 
+#: States of an origin copy that is gone for good: a pending transfer from it is scheduled
+#: anyway, and the task rebuilds the copy first (see :func:`transfers`).
+ORIGIN_GONE = (PhysicalCopyStatus.DELETED, PhysicalCopyStatus.DELETION_FAILED)
+
+
 def transfers(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
     """Schedule pending transfers whose package is present at the origin (pull: the queue of
-    the destination buffer)."""
+    the destination buffer).
+
+    Also those whose origin copy was built but is gone since (deleted, its deletion failed,
+    or its row missing): a leg sent back to PENDING after its origin copy went (a bad copy
+    dropped at the destination for a re-fetch, a failed leg revived after a partition) would
+    otherwise wait for good. The transfer task finds the copy lost and repairs or rebuilds it
+    (:func:`operations.repair_package_copy`) before it copies again. A transfer whose package
+    was never built (stage 2 unfinished) still waits; one whose origin copy is being deleted
+    waits for the deletion to end (the task re-checks the rules and keeps the copy).
+    """
     report = PassReport("transfers")
     with Session(engine) as s:
         rows = s.execute(
-            select(DataTransfer.id, DataTransfer.destination_location_id)
+            select(DataTransfer.id, DataTransfer.destination_location_id, PhysicalCopy.status)
             .join(
+                DataTransferPackage,
+                DataTransferPackage.id == DataTransfer.data_transfer_package_id,
+            )
+            .outerjoin(
                 PhysicalCopy,
                 and_(
                     PhysicalCopy.data_transfer_package_id == DataTransfer.data_transfer_package_id,
@@ -359,12 +380,26 @@ def transfers(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher
             .where(
                 DataTransfer.status == Status.PENDING,
                 _due(DataTransfer),
-                PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                or_(
+                    PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                    and_(
+                        DataTransferPackage.status == Status.COMPLETED,
+                        or_(PhysicalCopy.id.is_(None), PhysicalCopy.status.in_(ORIGIN_GONE)),
+                    ),
+                ),
             )
             .order_by(DataTransfer.id)
             .limit(settings.batch_size)
         ).all()
-        items = [(i, location_queue(_loc(s, lid), Operation.DATA_TRANSFER)) for i, lid in rows]
+        items = [(i, location_queue(_loc(s, lid), Operation.DATA_TRANSFER)) for i, lid, _ in rows]
+        gone = [i for i, _, status in rows if status != PhysicalCopyStatus.PRESENT]
+    if gone:
+        report.notes.append(
+            f"transfer(s) {', '.join(map(str, gone[:5]))}: origin copy gone, rebuilt by the task"
+        )
+        log.warning(
+            "transfers %s: origin copy gone; scheduled, the task repairs or rebuilds it", gone[:20]
+        )
     _schedule_and_submit(engine, dispatcher, "data_transfer", items, report)
     return report
 
@@ -512,30 +547,74 @@ def staging(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) 
 # --- stage 7 --------------------------------------------------------------------------------
 
 
+#: Candidate windows one deletion pass reads at most while each comes back full and without
+#: a copy the rules allow (so that a single pass, ``--once``, gets past refused copies too).
+DELETION_WINDOWS_PER_PASS = 5
+
+_deletion_cursors: dict[str, int] = {}
+_deletion_cursors_lock = threading.Lock()
+
+
+def _cursor_key(engine: Engine) -> str:
+    """The database an engine talks to (one deletion cursor per database); a Connection
+    passed for an engine (the scale benchmark does) counts as its engine."""
+    return engine.engine.url.render_as_string(hide_password=True)
+
+
+def reset_deletion_cursor(engine: Engine | None = None) -> None:
+    """Forget where the deletion manager's scan stopped (for ``engine``'s database, or all):
+    the next pass starts from the lowest candidate id, as a fresh process does."""
+    with _deletion_cursors_lock:
+        if engine is None:
+            _deletion_cursors.clear()
+        else:
+            _deletion_cursors.pop(_cursor_key(engine), None)
+
+
 def deletions(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
     """Schedule the deletion of every copy the rules allow, one task per location and package.
 
     Candidates (:func:`deletion.candidates`): live copies at SOURCE, BUFFER and PROCESSING,
     and failed deletions whose back-off has passed, less those the rules refuse for sure (a
     package not ARCHIVED, retention). Every candidate goes through :func:`deletion.verdicts`.
+
+    Candidates are read in windows of ``batch_size * 20`` by id, from where the last pass on
+    this database stopped (a cursor kept in this process), back to the start once a window
+    comes back short. A window that is full and has nothing allowed is followed by the next
+    one, up to :data:`DELETION_WINDOWS_PER_PASS`. So copies refused for long (held by an active
+    staging job, needed by a secondary transfer) cannot fill every window: every candidate is
+    asked about within a bounded number of passes.
     """
     report = PassReport("deletion")
     batches: dict[tuple[int, Any], list[int]] = defaultdict(list)
     now = _now()
+    limit = settings.batch_size * 20
+    key = _cursor_key(engine)
+    with _deletion_cursors_lock:
+        after = start = _deletion_cursors.get(key, 0)
+    wrapped = False
     with Session(engine) as s, s.begin():
-        copies = s.scalars(
-            deletion.candidates(
-                s, now, max_retries=settings.max_retries, limit=settings.batch_size * 20
-            )
-        ).all()
-        decided = deletion.verdicts(s, copies, now)
-        allowed = [c for c in copies if decided[c.id].allowed]
-        held = deletion.packages_held_many(s, allowed)
-        for copy in allowed:
-            copy.status = PhysicalCopyStatus.DELETION_SCHEDULED
-            key = held[copy.id] if copy.raw_data_file_id else None
-            group = (copy.data_location_id, tuple(key) if key else copy.id)
-            batches[group].append(copy.id)
+        for _ in range(DELETION_WINDOWS_PER_PASS):
+            copies = s.scalars(
+                deletion.candidates(
+                    s, now, max_retries=settings.max_retries, limit=limit, after=after
+                )
+            ).all()
+            decided = deletion.verdicts(s, copies, now)
+            allowed = [c for c in copies if decided[c.id].allowed]
+            held = deletion.packages_held_many(s, allowed)
+            for copy in allowed:
+                copy.status = PhysicalCopyStatus.DELETION_SCHEDULED
+                group_key = held[copy.id] if copy.raw_data_file_id else None
+                group = (copy.data_location_id, tuple(group_key) if group_key else copy.id)
+                batches[group].append(copy.id)
+            short = len(copies) < limit
+            after = 0 if short else copies[-1].id
+            if allowed or (short and (wrapped or start == 0)):
+                break  # work found, or every candidate asked about in this pass
+            wrapped = wrapped or short
+    with _deletion_cursors_lock:
+        _deletion_cursors[key] = after
     with Session(engine) as s:
         items = [
             (ids, location_queue(_loc(s, loc_id), Operation.DELETION))

@@ -226,8 +226,7 @@ def _on_failure(ctx: Context, session: Session, kind: str, record: Any, exc: Bas
             )
         )
         if copy is not None:
-            copy.failure_reason = repair.note[:1990]
-            copy.checksum_verified_at = now() if repair.fixed else None
+            _note_repair(copy, repair)
         _add_log(session, kind, record.id, "warning", repair.note, None)
 
 
@@ -943,6 +942,17 @@ def _fetch(
     )
 
 
+def _note_repair(copy: PhysicalCopy, repair: Repair) -> None:
+    """Write what a repair found and did on the copy it worked on."""
+    copy.failure_reason = repair.note[:1990]
+    copy.checksum_verified_at = now() if repair.fixed else None
+    gone = (PhysicalCopyStatus.DELETED, PhysicalCopyStatus.DELETION_FAILED)
+    if repair.fixed and copy.status in gone:
+        # rebuilt where it had been deleted: the file is there again, and its row says so
+        # (so that it is deleted in its turn, not left behind for good)
+        copy.status, copy.deleted_at = PhysicalCopyStatus.PRESENT, None
+
+
 def _record_repair(ctx: Context, repair: Repair) -> None:
     """Write a repair's result on its copy now (for a copy other than the task's own)."""
     with ctx.session() as s, s.begin():
@@ -953,8 +963,7 @@ def _record_repair(ctx: Context, repair: Repair) -> None:
             )
         )
         if copy is not None:
-            copy.failure_reason = repair.note[:1990]
-            copy.checksum_verified_at = now() if repair.fixed else None
+            _note_repair(copy, repair)
 
 
 def sidecar_document(s: Session, pkg: RawDataPackage) -> dict[str, Any]:
