@@ -147,11 +147,16 @@ def set_job(engine: Engine, job_id: int, **values: object) -> None:
             setattr(job, k, v)
 
 
-def add_copy(engine: Engine, pkg: int, location_id: int, status: PhysicalCopyStatus) -> None:
+def add_copy(
+    engine: Engine, pkg: int, location_id: int, status: PhysicalCopyStatus, path: str | None = None
+) -> None:
     with Session(engine) as s, s.begin():
         s.add(
             m.RawDataPackagePhysicalCopy(
-                raw_data_package_id=pkg, data_location_id=location_id, status=status
+                raw_data_package_id=pkg,
+                data_location_id=location_id,
+                status=status,
+                relative_path=path,
             )
         )
 
@@ -301,11 +306,12 @@ def test_staging_create_and_progress(api: ApiServer, engine: Engine) -> None:
     add_copy(engine, c_, ramses, PhysicalCopyStatus.STAGED)  # not part of the job
     with api.client("reader") as cl:
         assert cl.get(f"{JOBS}/{job['id']}").json()["progress"]["packages_staged"] == 0
-        add_copy(engine, a, ramses, PhysicalCopyStatus.STAGED)
+        add_copy(engine, a, ramses, PhysicalCopyStatus.STAGED, "staging/pkg-a")
         out = cl.get(f"{JOBS}/{job['id']}").json()
         assert out["progress"]["packages_staged"] == 1
         assert out["progress"]["bytes_staged"] == 1000
         assert [p["staged"] for p in out["packages"]] == [True, False]
+        assert [p["path"] for p in out["packages"]] == ["staging/pkg-a", None]
         add_copy(engine, b, ramses, PhysicalCopyStatus.DELETED)
         assert cl.get(f"{JOBS}/{job['id']}").json()["progress"]["packages_staged"] == 1
         with Session(engine) as s, s.begin():

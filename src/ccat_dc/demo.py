@@ -279,7 +279,7 @@ def stage_one_package(
             return out
         out["staged_s"] = time.monotonic() - t0
         progress.update(task, completed=1)
-        staged_dir = ramses_root / f"staging/job_{job_id}"
+        staged_dir = ramses_root / job["packages"][0]["path"]
         bad = [
             rel
             for rel, checksum in files.items()

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from ccat_ops_db.enums import (
     CopyType,
+    LocationType,
     PackageState,
     PhysicalCopyStatus,
     Status,
@@ -57,6 +58,7 @@ from . import deletion, packaging, routing, state
 from .errors import (
     ChecksumMismatchError,
     ConfigurationError,
+    CopyBusyError,
     PackageError,
     StorageError,
     TransferSystemError,
@@ -169,9 +171,19 @@ def _run(ctx: Context, kind: str, record_id: Any, body: Callable[[], Callable[[S
         path = write_log(ctx, kind, record_id, text)
         log.warning("%s %s failed: %s", kind, record_id, state.describe_error(exc, path))
         with ctx.session() as session, session.begin():
-            record = session.get(state.KINDS[kind].model, record_id)
+            record = session.get(state.KINDS[kind].model, record_id, with_for_update=True)
             if record is None:  # deleted under us: nothing to record
                 return Outcome(kind, str(record_id), "failed", str(exc))
+            if getattr(record, state.KINDS[kind].status) == Status.COMPLETED:
+                # another run of the same record finished it meanwhile (a worker taken for
+                # dead by the recovery sweeper was only slow): its result stands
+                log.warning(
+                    "%s %s: completed by another run; this run's failure is dropped: %s",
+                    kind,
+                    record_id,
+                    state.describe_error(exc, path),
+                )
+                return Outcome(kind, str(record_id), "skipped", "completed by another run")
             _on_failure(ctx, session, kind, record, exc)
             permanent = state.record_failure(
                 session, record, kind, exc, ctx.settings, log_path=path
@@ -1009,8 +1021,40 @@ def sidecar_document(s: Session, pkg: RawDataPackage) -> dict[str, Any]:
 # --- stage 6: staging ---------------------------------------------------------------------
 
 
+def staged_path(package_name: str, unpacked: bool) -> str:
+    """Where a package is staged inside a PROCESSING location: ``staging/<package>/`` with its
+    files when unpacked, ``staging/<package>.tar`` when packed.
+
+    One place per package (a copy is unique per package and location, whichever job asked for
+    it): packages whose files share relative paths (two instruments' SOURCEs) never overwrite
+    each other, and deleting one package's copy removes only that package's files.
+    """
+    base = package_name.removesuffix(".tar").replace("/", "_")
+    return f"staging/{base}" if unpacked else f"staging/{base}.tar"
+
+
+def _staged_intact(dst: LocationRef, rel: str, unpacked: bool, files: list[Any]) -> bool:
+    """True when a copy staged earlier is all there: the tar, or every file at its size."""
+    if not unpacked:
+        return dst.path(rel).is_file()
+    try:
+        return all(dst.path(f"{rel}/{frel}").stat().st_size == size for _, frel, size in files)
+    except OSError:
+        return False
+
+
+_BEING_DELETED = (PhysicalCopyStatus.DELETION_SCHEDULED, PhysicalCopyStatus.DELETION_IN_PROGRESS)
+
+
 def stage(ctx: Context, job_id: int) -> Outcome:
-    """Copy a staging job's packages from an archive to PROCESSING and unpack them there."""
+    """Copy a staging job's packages from an archive to PROCESSING (and unpack them there).
+
+    Each package goes to :func:`staged_path`. A package already staged there in the same form
+    (for another job, or by an earlier attempt of this one) and still intact is not copied
+    again; the job uses that copy, which the deletion rules keep while any active job needs
+    it. A package whose earlier copy there is being deleted waits for the deletion to end
+    (:class:`CopyBusyError`, no retry used up) and is then staged afresh.
+    """
 
     def body() -> Callable[[Session], str]:
         with ctx.session() as s:
@@ -1025,41 +1069,79 @@ def stage(ctx: Context, job_id: int) -> Outcome:
             src, dst = _ref(job.origin_location), _ref(job.destination_location)
             if dst.is_remote:
                 raise ConfigurationError(f"staging needs {dst.label} mounted on the worker")
-            items = [
-                (p.id, p.relative_path, p.checksum, str(p.checksum_algorithm))
-                for p in job.raw_data_packages
-            ]
-            files = {
-                p.id: [(f.id, f.relative_path) for f in p.files] for p in job.raw_data_packages
-            }
             unpack_it = job.unpack
             dest_id = job.destination_location_id
+            items = [
+                (p.id, p.name, p.relative_path, p.checksum, str(p.checksum_algorithm))
+                for p in sorted(job.raw_data_packages, key=lambda p: p.id)
+            ]
+            files = {
+                p.id: [(f.id, f.relative_path, f.size) for f in p.files]
+                for p in job.raw_data_packages
+            }
+            earlier = _staged_copies(s, [i[0] for i in items], dest_id)
         mover = ctx.mover_factory(src, dst, None)
-        job_dir = f"staging/job_{job_id}"
-        done: list[tuple[int, str, int, str]] = []
-        for pid, path, checksum, algorithm in items:
-            tar_rel = f"{job_dir}/{path}"
+        done: list[tuple[int, str, int | None, str | None]] = []
+        reused: list[str] = []
+        for pid, name, path, checksum, algorithm in items:
+            prior = earlier.get(pid)
+            if prior is not None:
+                status, rel = prior
+                if status in _BEING_DELETED:
+                    raise CopyBusyError(
+                        f"package {name}: its earlier copy at {dst.label} ({rel}) is being "
+                        "deleted; staging again once that is done"
+                    )
+                live = status in (PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED)
+                if live and (status == PhysicalCopyStatus.STAGED) != unpack_it:
+                    form = "unpacked" if unpack_it else "packed"
+                    raise ConfigurationError(
+                        f"package {name} is staged at {dst.label} ({rel}) already, but not "
+                        f"{form} as this job asks; one copy per package and location: release "
+                        "the jobs using it (or ask for the same form) and try again",
+                    )
+                if live and rel and _staged_intact(dst, rel, unpack_it, files[pid]):
+                    done.append((pid, rel, None, None))
+                    reused.append(name)
+                    continue
+            rel = staged_path(name, unpack_it)
+            tar_rel = f"{rel}.tar" if unpack_it else rel
             result = mover.copy(
                 src, path, dst, tar_rel, algorithm=algorithm, expected_checksum=checksum
             )
             if unpack_it:
-                packaging.extract_package(
-                    dst.path(tar_rel),
-                    dst.path(job_dir),
-                    expected_checksum=checksum,
-                    algorithm=algorithm,
-                )
-                dst.path(tar_rel).unlink()
-                done.append((pid, job_dir, result.bytes, result.checksum))
-            else:
-                done.append((pid, tar_rel, result.bytes, result.checksum))
+                try:
+                    packaging.extract_package(
+                        dst.path(tar_rel),
+                        dst.path(rel),
+                        expected_checksum=checksum,
+                        algorithm=algorithm,
+                    )
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        dst.path(tar_rel).unlink()
+            done.append((pid, rel, result.bytes, result.checksum))
 
         def commit(s: Session) -> str:
             job = s.get(StagingJob, job_id)
             assert job is not None
+            now_busy = {
+                pid: rel
+                for pid, (status, rel) in _staged_copies(
+                    s, [d[0] for d in done], dest_id, lock=True
+                ).items()
+                if status in _BEING_DELETED
+            }
+            if now_busy:  # a deletion claimed one meanwhile (the job was inactive then)
+                raise CopyBusyError(
+                    f"{len(now_busy)} staged copies at {dst.label} are being deleted "
+                    f"({', '.join(sorted(now_busy.values())[:3])}); staging again after that"
+                )
             stamp = now()
             status = PhysicalCopyStatus.STAGED if unpack_it else PhysicalCopyStatus.PRESENT
             for pid, rel, size, checksum in done:
+                if size is None:  # reused as it is
+                    continue
                 _upsert_copy(
                     s,
                     RawDataPackagePhysicalCopy,
@@ -1073,7 +1155,7 @@ def stage(ctx: Context, job_id: int) -> Outcome:
                     checksum_verified_at=stamp,
                 )
                 if unpack_it:
-                    for fid, frel in files[pid]:
+                    for fid, frel, _size in files[pid]:
                         _upsert_copy(
                             s,
                             RawDataFilePhysicalCopy,
@@ -1081,17 +1163,32 @@ def stage(ctx: Context, job_id: int) -> Outcome:
                             fid,
                             dest_id,
                             status=PhysicalCopyStatus.STAGED,
-                            relative_path=f"{job_dir}/{frel}",
+                            relative_path=f"{rel}/{frel}",
                             checksum_verified_at=stamp,
                         )
             state.complete(job, "staging_job")
-            msg = f"staged {len(done)} packages to {dst.label}/{job_dir}"
+            msg = f"staged {len(done)} packages to {dst.label}/staging/"
+            if reused:
+                msg += f" ({len(reused)} already there: {', '.join(reused[:3])})"
             _add_log(s, "staging_job", job_id, "info", msg, None)
             return msg
 
         return commit
 
     return _run(ctx, "staging_job", job_id, body)
+
+
+def _staged_copies(
+    s: Session, package_ids: list[int], location_id: int, *, lock: bool = False
+) -> dict[int, tuple[PhysicalCopyStatus, str | None]]:
+    """(status, path) of the copies these packages have at a PROCESSING location."""
+    q = select(PhysicalCopy).where(
+        PhysicalCopy.raw_data_package_id.in_(package_ids),
+        PhysicalCopy.data_location_id == location_id,
+    )
+    if lock:
+        q = q.with_for_update()
+    return {c.raw_data_package_id: (c.status, c.relative_path) for c in s.scalars(q)}
 
 
 # --- stage 7: deletion --------------------------------------------------------------------
@@ -1122,7 +1219,7 @@ def delete_copies(ctx: Context, copy_ids: list[int]) -> Outcome:
         for copy in scheduled:
             v = decided[copy.id]
             if not v.allowed:
-                copy.status = PhysicalCopyStatus.PRESENT
+                copy.status = _status_when_kept(copy, paths.get(copy.id))
                 copy.failure_reason = f"deletion refused at run time: {v.reason}"[:1990]
                 refused += 1
                 continue
@@ -1154,11 +1251,18 @@ def delete_copies(ctx: Context, copy_ids: list[int]) -> Outcome:
         loaded = {
             c.id: c
             for c in s.scalars(
-                select(PhysicalCopy).where(PhysicalCopy.id.in_(ok + [i for i, _ in bad]))
+                select(PhysicalCopy)
+                .where(PhysicalCopy.id.in_(ok + [i for i, _ in bad]))
+                .with_for_update()
             )
         }
         for copy_id in ok:
             c = loaded[copy_id]
+            if c.status != PhysicalCopyStatus.DELETION_IN_PROGRESS:  # never, while claimed
+                log.error(
+                    "copy %s changed to %s during its deletion: left as it is", c.id, c.status
+                )
+                continue
             c.status = PhysicalCopyStatus.DELETED
             c.deleted_at = stamp
             c.failure_reason = None
@@ -1184,6 +1288,22 @@ def delete_copies(ctx: Context, copy_ids: list[int]) -> Outcome:
     return Outcome(
         "deletion", ",".join(map(str, copy_ids[:5])), "done" if not failed else "retry", detail
     )
+
+
+def _status_when_kept(copy: PhysicalCopy, rel: str | None) -> PhysicalCopyStatus:
+    """The status a copy goes back to when its deletion is refused at run time: STAGED for
+    what staging unpacked at a PROCESSING location (file copies, and package copies that are
+    folders), PRESENT for everything else."""
+    loc = copy.data_location
+    if loc.location_type != LocationType.PROCESSING:
+        return PhysicalCopyStatus.PRESENT
+    if copy.copy_type == CopyType.RAW_DATA_FILE:
+        return PhysicalCopyStatus.STAGED
+    ref = _ref(loc)
+    local = ref.storage_type == "disk" and not ref.is_remote
+    if copy.copy_type == CopyType.RAW_DATA_PACKAGE and local and rel and ref.path(rel).is_dir():
+        return PhysicalCopyStatus.STAGED
+    return PhysicalCopyStatus.PRESENT
 
 
 def _files_deletion_possible(s: Session, c: PhysicalCopy) -> None:

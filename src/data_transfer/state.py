@@ -152,9 +152,9 @@ def record_failure(
     """
     k = KINDS[kind]
     retryable = getattr(exc, "retryable", True) if isinstance(exc, TransferSystemError) else True
-    if retryable and is_out_of_space(exc):
-        # A full BUFFER is a condition to wait out, not a failed attempt: PENDING again,
-        # the reason says how much is free and needed, no retry used up.
+    if retryable and (is_out_of_space(exc) or getattr(exc, "counts_as_attempt", True) is False):
+        # A full BUFFER (or a copy being deleted) is a condition to wait out, not a failed
+        # attempt: PENDING again, the reason says what it waits for, no retry used up.
         setattr(record, k.failure_reason, describe_error(exc, log_path))
         setattr(record, k.status, Status.PENDING)
         wait = getattr(exc, "retry_after_s", settings.buffer_full_recheck_s)

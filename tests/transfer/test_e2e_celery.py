@@ -27,6 +27,7 @@ from ccat_ops_db.enums import LocationType, PackageState, PhysicalCopyStatus, St
 from data_transfer.celery_app import CeleryDispatcher, make_celery
 from data_transfer.heartbeat import RedisHeartbeats
 from data_transfer.managers import MANAGERS, run_pass
+from data_transfer.operations import staged_path
 from tests.transfer.stack import (
     RedisServer,
     Stack,
@@ -129,7 +130,7 @@ def test_celery_workers_move_files_to_archives_stage_and_clean_up(celery_stack: 
         )
         s.add(job)
         s.commit()
-        job_id, pkg_id = job.id, pkg.id
+        job_id, pkg_id, pkg_name = job.id, pkg.id, pkg.name
         files = {f.relative_path: f.checksum for f in pkg.files}
 
     def staged() -> bool:
@@ -137,7 +138,7 @@ def test_celery_workers_move_files_to_archives_stage_and_clean_up(celery_stack: 
             return s.get(m.StagingJob, job_id).status == Status.COMPLETED
 
     drive(st, staged)
-    staged_dir = st.roots["cologne/ramses"] / f"staging/job_{job_id}"
+    staged_dir = st.roots["cologne/ramses"] / staged_path(pkg_name, unpacked=True)
     for rel, checksum in files.items():
         assert hashlib.sha256((staged_dir / rel).read_bytes()).hexdigest() == checksum
     with Session(st.engine) as s:

@@ -16,9 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
-from ccat_ops_db.enums import LocationType, PhysicalCopyStatus
-from data_transfer import deletion
-from data_transfer.errors import ConfigurationError
+from ccat_ops_db.enums import LocationType, PhysicalCopyStatus, Status
+from data_transfer import deletion, operations
+from data_transfer.errors import ConfigurationError, DestinationExistsError
 from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
 from data_transfer.metrics import PipelineCollector
@@ -265,3 +265,27 @@ def test_worker_waits_for_a_database_that_starts_later(stack: Stack, tmp_path: P
         if proc.poll() is None:
             proc.kill()
         stop.set()
+
+
+def test_a_late_failure_does_not_undo_a_record_another_run_completed(stack: Stack) -> None:
+    """The recovery sweeper took a slow worker for dead and the record ran again elsewhere;
+    one run completes it, the other then fails (its destination exists now). The failure is
+    logged and dropped: the record stays COMPLETED, no retry is counted."""
+    stack.file_observation(files=2, seed=3)
+    ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root))
+    run_pass("raw_data_packages", ctx.engine, ctx.settings, QueueDispatcher())  # not run
+    with Session(stack.engine) as s:
+        pkg_id = s.scalars(select(m.RawDataPackage.id)).one()
+
+    def body():  # the other run finishes first; then this one fails
+        with Session(stack.engine) as s, s.begin():
+            s.get(m.RawDataPackage, pkg_id).status = Status.COMPLETED
+        raise DestinationExistsError("ccat/buffer:raw_data_packages/x.tar exists")
+
+    outcome = operations._run(ctx, "raw_data_package", pkg_id, body)
+
+    assert (outcome.result, outcome.detail) == ("skipped", "completed by another run")
+    with Session(stack.engine) as s:
+        pkg = s.get(m.RawDataPackage, pkg_id)
+        assert pkg.status == Status.COMPLETED
+        assert pkg.retry_count == 0 and pkg.failure_reason is None

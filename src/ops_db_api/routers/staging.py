@@ -102,9 +102,9 @@ def _detail(db: Session, job_id: int) -> StagingJobDetail:
     if job is None:
         raise not_found("staging job", job_id)
     packages = sorted(job.raw_data_packages, key=lambda p: p.id)
-    staged = set(
-        db.scalars(
-            select(PhysicalCopy.raw_data_package_id).where(
+    staged: dict[int, str | None] = dict(
+        db.execute(
+            select(PhysicalCopy.raw_data_package_id, PhysicalCopy.relative_path).where(
                 PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
                 PhysicalCopy.data_location_id == job.destination_location_id,
                 PhysicalCopy.status.in_(LIVE),
@@ -115,6 +115,8 @@ def _detail(db: Session, job_id: int) -> StagingJobDetail:
                 ),
             )
         )
+        .tuples()
+        .all()
     )
     logs = db.scalars(
         select(DataTransferLog)
@@ -133,7 +135,12 @@ def _detail(db: Session, job_id: int) -> StagingJobDetail:
         progress=progress,
         packages=[
             StagingPackageOut(
-                id=p.id, name=p.name, size=p.size, state=p.state, staged=p.id in staged
+                id=p.id,
+                name=p.name,
+                size=p.size,
+                state=p.state,
+                staged=p.id in staged,
+                path=staged.get(p.id),
             )
             for p in packages
         ],

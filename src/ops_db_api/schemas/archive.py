@@ -138,6 +138,13 @@ class StagingPackageOut(BaseModel):
     size: int | None = Field(None, examples=[52_428_800])
     state: PackageState = Field(examples=["archived"])
     staged: bool = Field(description="Has a STAGED or PRESENT copy at the destination.")
+    path: str | None = Field(
+        None,
+        description="Where it is staged, relative to the destination's root: a folder with "
+        "its files when unpacked, a tar when not (one place per package, shared by every job "
+        "that asks for it there); null until staged.",
+        examples=["staging/chai_lfa_20260501T030000_0001"],
+    )
 
 
 class StagingJobOut(BaseModel):

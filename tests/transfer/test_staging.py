@@ -1,0 +1,245 @@
+"""Stage 6, staging: one place per package at a PROCESSING location, shared by the jobs that
+ask for it, and never pulled from under a job by a deletion.
+
+Real PostgreSQL, the local mover, the in-process dispatcher; the archive is moto's S3 server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_ops_db import models as m
+from ccat_ops_db.enums import PackageState, PhysicalCopyStatus, Status
+from data_transfer.inline import QueueDispatcher
+from data_transfer.managers import run_pass
+from data_transfer.operations import Context, staged_path
+
+from .stack import Stack, make_stack
+from .test_pipeline import ctx_for, run_until_quiet
+
+
+@pytest.fixture
+def stack(pg_url: str, tmp_path: Path, s3_server) -> Iterator[Stack]:
+    st = make_stack(pg_url, tmp_path, s3_server, None)
+    yield st
+    st.engine.dispose()
+
+
+def passes(ctx: Context, *names: str) -> list[str]:
+    """Run manager passes, each followed by its tasks; returns the task results."""
+    d, results = QueueDispatcher(), []
+    for name in names:
+        run_pass(name, ctx.engine, ctx.settings, d)
+        results += [o.result for o in d.drain(ctx)]
+    return results
+
+
+def archived(stack: Stack, ctx: Context) -> list[int]:
+    """Run the pipeline until quiet; the ids of the packages, every one ARCHIVED."""
+    run_until_quiet(ctx)
+    with Session(stack.engine) as s:
+        pkgs = s.scalars(select(m.RawDataPackage).order_by(m.RawDataPackage.id)).all()
+        assert {p.state for p in pkgs} == {PackageState.ARCHIVED}
+        return [p.id for p in pkgs]
+
+
+def new_job(stack: Stack, package_ids: list[int], *, unpack: bool = True) -> int:
+    with Session(stack.engine) as s, s.begin():
+        pkgs = s.scalars(select(m.RawDataPackage).where(m.RawDataPackage.id.in_(package_ids)))
+        job = m.StagingJob(
+            name="t",
+            destination_location_id=stack.location_id("cologne", "ramses"),
+            raw_data_packages=list(pkgs),
+            unpack=unpack,
+        )
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def release(stack: Stack, job_id: int) -> None:
+    with Session(stack.engine) as s, s.begin():
+        job = s.get(m.StagingJob, job_id)
+        job.active = False
+        job.released_at = dt.datetime.now(dt.UTC)
+
+
+def ramses_copy(s: Session, stack: Stack, package_id: int) -> m.PhysicalCopy:
+    return s.scalars(
+        select(m.PhysicalCopy).where(
+            m.PhysicalCopy.raw_data_package_id == package_id,
+            m.PhysicalCopy.data_location_id == stack.location_id("cologne", "ramses"),
+        )
+    ).one()
+
+
+def staged_files_match(stack: Stack, package_id: int) -> int:
+    """Every file of the package is at its recorded staged path with its filed checksum."""
+    root = stack.roots["cologne/ramses"]
+    with Session(stack.engine) as s:
+        pkg = s.get(m.RawDataPackage, package_id)
+        copy = ramses_copy(s, stack, package_id)
+        assert copy.status == PhysicalCopyStatus.STAGED, copy.status
+        assert copy.relative_path == staged_path(pkg.name, unpacked=True)
+        for f in pkg.files:
+            data = (root / copy.relative_path / f.relative_path).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == f.checksum, f.relative_path
+            fc = s.scalars(
+                select(m.PhysicalCopy).where(
+                    m.PhysicalCopy.raw_data_file_id == f.id,
+                    m.PhysicalCopy.data_location_id == copy.data_location_id,
+                )
+            ).one()
+            assert fc.status == PhysicalCopyStatus.STAGED
+            assert fc.relative_path == f"{copy.relative_path}/{f.relative_path}"
+        return len(pkg.files)
+
+
+def test_two_instruments_files_with_the_same_paths_do_not_overwrite_each_other(
+    stack: Stack,
+) -> None:
+    """Relative paths are unique per SOURCE only: Prime-Cam and CHAI may both file
+    ``<night>/scan_000.dat``. Staged together, each package keeps its own bytes."""
+    ctx = ctx_for(stack)
+    stack.file_observation(files=3, seed=1, sizes=(1_000, 5_000))
+    chai = stack.file_observation(
+        files=3, seed=2, sizes=(1_000, 5_000), source="chai_raw_data", instrument_module="LFA"
+    )
+    with Session(stack.engine) as s, s.begin():  # CHAI's files take Prime-Cam's paths
+        prime = s.scalars(
+            select(m.RawDataFile)
+            .where(m.RawDataFile.executed_obs_unit_id != chai)
+            .order_by(m.RawDataFile.relative_path)
+        ).all()
+        theirs = s.scalars(
+            select(m.RawDataFile)
+            .where(m.RawDataFile.executed_obs_unit_id == chai)
+            .order_by(m.RawDataFile.relative_path)
+        ).all()
+        for mine, other in zip(prime, theirs, strict=True):
+            old = stack.roots["ccat/chai_raw_data"] / other.relative_path
+            new = stack.roots["ccat/chai_raw_data"] / mine.relative_path
+            new.parent.mkdir(parents=True, exist_ok=True)
+            old.rename(new)
+            other.relative_path = mine.relative_path
+    pkgs = archived(stack, ctx)
+    assert len(pkgs) == 2
+    job = new_job(stack, pkgs)
+
+    assert passes(ctx, "staging") == ["done"]
+
+    assert staged_files_match(stack, pkgs[0]) == staged_files_match(stack, pkgs[1]) == 3
+    with Session(stack.engine) as s:
+        assert s.get(m.StagingJob, job).status == Status.COMPLETED
+
+
+def test_two_jobs_share_one_copy_and_it_goes_when_both_are_released(stack: Stack) -> None:
+    ctx = ctx_for(stack)
+    stack.file_observation(files=3, seed=3, sizes=(1_000, 5_000))
+    (pkg,) = archived(stack, ctx)
+    first = new_job(stack, [pkg])
+    assert passes(ctx, "staging") == ["done"]
+    second = new_job(stack, [pkg])
+    assert passes(ctx, "staging") == ["done"]
+    with Session(stack.engine) as s:
+        assert s.get(m.StagingJob, second).status == Status.COMPLETED
+        logs = [x.message for x in s.scalars(select(m.DataTransferLog))]
+        assert any("1 already there" in x for x in logs), logs
+    staged = stack.roots["cologne/ramses"] / staged_path(_name(stack, pkg), unpacked=True)
+
+    release(stack, first)  # the second job still needs the copy: it stays
+    passes(ctx, "deletion", "deletion")
+    assert staged_files_match(stack, pkg) == 3
+
+    release(stack, second)
+    passes(ctx, "deletion")
+    with Session(stack.engine) as s:
+        assert ramses_copy(s, stack, pkg).status == PhysicalCopyStatus.DELETED
+    assert not staged.exists()
+    assert not any(p.is_file() for p in stack.roots["cologne/ramses"].rglob("*"))
+
+
+def test_a_job_waits_while_the_copy_it_needs_is_being_deleted(stack: Stack) -> None:
+    """A deletion claimed the copy (the job before was released) when a new job arrives: the
+    new job waits without using a retry, then stages afresh."""
+    ctx = ctx_for(stack)
+    stack.file_observation(files=3, seed=4, sizes=(1_000, 5_000))
+    (pkg,) = archived(stack, ctx)
+    first = new_job(stack, [pkg])
+    passes(ctx, "staging")
+    release(stack, first)
+    with Session(stack.engine) as s, s.begin():  # a deletion task is working on it now
+        ramses_copy(s, stack, pkg).status = PhysicalCopyStatus.DELETION_IN_PROGRESS
+    second = new_job(stack, [pkg])
+
+    assert passes(ctx, "staging") == ["retry"]
+    with Session(stack.engine) as s, s.begin():
+        job = s.get(m.StagingJob, second)
+        assert job.status == Status.PENDING and job.retry_count == 0
+        assert "is being deleted" in job.failure_reason, job.failure_reason
+        job.next_attempt_at = None  # the wait is over
+        copy = ramses_copy(s, stack, pkg)  # the deletion ends
+        copy.status, copy.deleted_at = PhysicalCopyStatus.DELETED, dt.datetime.now(dt.UTC)
+        for f in s.get(m.RawDataPackage, pkg).files:
+            (stack.roots["cologne/ramses"] / copy.relative_path / f.relative_path).unlink()
+
+    assert passes(ctx, "staging") == ["done"]
+    assert staged_files_match(stack, pkg) == 3
+
+
+def test_a_deletion_refused_at_run_time_leaves_a_staged_copy_staged(stack: Stack) -> None:
+    """The deletion was scheduled while no job needed the copy; a job asking for it arrived
+    before the task ran. The task refuses, and the copy is STAGED again (not PRESENT, which
+    would read as a packed tar), so the new job uses it as it is."""
+    ctx = ctx_for(stack)
+    stack.file_observation(files=3, seed=5, sizes=(1_000, 5_000))
+    (pkg,) = archived(stack, ctx)
+    first = new_job(stack, [pkg])
+    passes(ctx, "staging")
+    release(stack, first)
+    d = QueueDispatcher()
+    run_pass("deletion", ctx.engine, ctx.settings, d)
+    with Session(stack.engine) as s:
+        assert ramses_copy(s, stack, pkg).status == PhysicalCopyStatus.DELETION_SCHEDULED
+    second = new_job(stack, [pkg])
+    d.drain(ctx)
+    with Session(stack.engine) as s:
+        copy = ramses_copy(s, stack, pkg)
+        assert copy.status == PhysicalCopyStatus.STAGED
+        assert "deletion refused at run time" in copy.failure_reason
+    assert passes(ctx, "staging") == ["done"]
+    with Session(stack.engine) as s:
+        assert s.get(m.StagingJob, second).status == Status.COMPLETED
+    assert staged_files_match(stack, pkg) == 3
+
+
+def test_a_packed_copy_is_not_mistaken_for_an_unpacked_one(stack: Stack) -> None:
+    ctx = ctx_for(stack)
+    stack.file_observation(files=2, seed=6, sizes=(1_000, 5_000))
+    (pkg,) = archived(stack, ctx)
+    new_job(stack, [pkg], unpack=False)
+    assert passes(ctx, "staging") == ["done"]
+    with Session(stack.engine) as s:
+        copy = ramses_copy(s, stack, pkg)
+        assert copy.status == PhysicalCopyStatus.PRESENT
+        assert copy.relative_path == staged_path(_name(stack, pkg), unpacked=False)
+        assert (stack.roots["cologne/ramses"] / copy.relative_path).is_file()
+    other = new_job(stack, [pkg], unpack=True)
+    assert passes(ctx, "staging") == ["failed"]
+    with Session(stack.engine) as s:
+        job = s.get(m.StagingJob, other)
+        assert job.status == Status.FAILED
+        assert "ConfigurationError" in job.failure_reason
+        assert "not unpacked as this job asks" in job.failure_reason, job.failure_reason
+
+
+def _name(stack: Stack, package_id: int) -> str:
+    with Session(stack.engine) as s:
+        return s.get(m.RawDataPackage, package_id).name
