@@ -255,3 +255,27 @@ def test_token_validity_rules(session: Session) -> None:
     assert m.scope_allows(["*"], "file")
     assert not m.scope_allows(["read"], "file")
     assert not m.scope_allows(["read", "file"], "operate")
+
+
+def test_sessions_run_in_utc_whatever_the_database_default(pg_url: str) -> None:
+    """Naive UTC datetimes compared with timestamptz columns are read in the session's time
+    zone: a database whose default is Chile's would shift every staleness test by hours."""
+    with make_engine(pg_url).connect() as c:
+        name = c.execute(text("select current_database()")).scalar()
+    admin = make_engine(pg_url, null_pool=True)
+    with admin.connect() as c:
+        c.execute(text(f"ALTER DATABASE \"{name}\" SET timezone TO 'America/Santiago'"))
+        c.commit()
+    admin.dispose()
+    engine = make_engine(pg_url)
+    with engine.connect() as c:
+        assert c.execute(text("show timezone")).scalar() == "UTC"
+        now = dt.datetime.now(dt.UTC)
+        thirty_minutes_ago = now - dt.timedelta(minutes=30)
+        five_minutes_ago = (now - dt.timedelta(minutes=5)).replace(tzinfo=None)
+        older = c.execute(
+            text("select CAST(:t AS timestamptz) < :cutoff"),
+            {"t": thirty_minutes_ago, "cutoff": five_minutes_ago},
+        ).scalar()
+    engine.dispose()
+    assert older is True

@@ -47,7 +47,14 @@ def make_engine(
             kwargs["poolclass"] = pool.NullPool
     else:
         if backend == "postgresql":
-            kwargs["connect_args"] = {"connect_timeout": settings.connect_timeout_s}
+            # Every session in UTC, whatever the server's or the database's default: the
+            # code compares timestamptz columns with naive UTC datetimes in places, which
+            # PostgreSQL reads in the session's time zone (on a server set to
+            # America/Santiago, a 5-minute staleness test would mean 3-4 hours).
+            kwargs["connect_args"] = {
+                "connect_timeout": settings.connect_timeout_s,
+                "options": "-c timezone=UTC",
+            }
         if null_pool:
             kwargs["poolclass"] = pool.NullPool
         else:
