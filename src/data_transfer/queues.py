@@ -77,6 +77,29 @@ def location_queue(loc: DataLocation, operation: Operation | str) -> str:
     return queue_name(loc.site.short_name, loc.name, op)
 
 
+def check_queue_names(session: Session) -> None:
+    """Refuse a topology in which two locations would share a queue.
+
+    Site and location names may both contain ``_``, so ``us`` + ``east_buffer`` and
+    ``us_east`` + ``buffer`` both make ``us_east_buffer_deletion``: a worker of one would take
+    the other's tasks (and delete on its own disk what was meant for the other). Every location
+    in the database counts, active or not. Raises ConfigurationError naming both locations.
+    """
+    seen: dict[str, str] = {}
+    for loc in session.scalars(
+        select(DataLocation).join(Site).options(selectinload(DataLocation.site))
+    ):
+        label = f"{loc.site.short_name}/{loc.name}"
+        for op in OPERATIONS_BY_TYPE[str(loc.location_type)]:
+            name = queue_name(loc.site.short_name, loc.name, op)
+            other = seen.setdefault(name, label)
+            if other != label:
+                raise ConfigurationError(
+                    f"locations {other} and {label} would share the queue {name!r}: rename "
+                    "one of them (site and location names are joined with '_')"
+                )
+
+
 @dataclass(frozen=True)
 class QueueInfo:
     """One discovered queue."""
@@ -110,6 +133,7 @@ def discover_queues(
         stmt = stmt.where(Site.short_name == site)
     if not include_inactive:
         stmt = stmt.where(DataLocation.active.is_(True), Site.active.is_(True))
+    check_queue_names(session)
     rows = list(session.scalars(stmt))
     wanted = list(locations or [])
     if wanted:

@@ -128,6 +128,32 @@ def test_queue_discovery_follows_the_database(stack: Stack) -> None:
         )
         s.flush()
         assert "us_scratch_staging" in {q.name for q in discover_queues(s, site="us")}
+        # names that join into another location's queues are refused, naming both
+        s.add(m.Site(name="US East", short_name="us_east"))
+        s.flush()
+        east = s.scalar(select(m.Site).where(m.Site.short_name == "us_east"))
+        s.add(
+            m.DiskDataLocation(
+                site=east,
+                name="staging",  # us_east + staging = us + east_staging
+                location_type=LocationType.PROCESSING,
+                storage_type="disk",
+                root_path="/tmp/y",
+            )
+        )
+        s.add(
+            m.DiskDataLocation(
+                site=site,
+                name="east_staging",
+                location_type=LocationType.PROCESSING,
+                storage_type="disk",
+                root_path="/tmp/z",
+                active=False,  # inactive locations count too
+            )
+        )
+        s.flush()
+        with pytest.raises(ConfigurationError, match="would share the queue 'us_east_staging_"):
+            discover_queues(s, site="ccat")
         s.rollback()
 
 
