@@ -52,6 +52,7 @@ from ccat_ops_db.models import (
     RawDataPackage,
     RawDataPackagePhysicalCopy,
     StagingJob,
+    staging_job_raw_data_package,
 )
 
 from . import deletion, packaging, routing, state
@@ -161,6 +162,8 @@ def _run(ctx: Context, kind: str, record_id: Any, body: Callable[[], Callable[[S
             commit = body()
         with ctx.session() as session, session.begin():
             detail = commit(session)
+        for hook in session.info.pop("after_commit", []):  # clean-up once the commit holds
+            hook()
         TASK_METRICS.done(kind, (now() - started).total_seconds())
         return Outcome(kind, str(record_id), "done", detail)
     except Exception as exc:
@@ -1052,8 +1055,10 @@ def stage(ctx: Context, job_id: int) -> Outcome:
     Each package goes to :func:`staged_path`. A package already staged there in the same form
     (for another job, or by an earlier attempt of this one) and still intact is not copied
     again; the job uses that copy, which the deletion rules keep while any active job needs
-    it. A package whose earlier copy there is being deleted waits for the deletion to end
-    (:class:`CopyBusyError`, no retry used up) and is then staged afresh.
+    it. A package staged in the other form (packed where this job wants it unpacked, or the
+    reverse) is converted when no other active job needs it there, and waited for otherwise.
+    A package whose copy there is being deleted waits for the deletion to end. Waiting is a
+    :class:`CopyBusyError`: PENDING again, the reason says what for, no retry used up.
     """
 
     def body() -> Callable[[Session], str]:
@@ -1080,32 +1085,26 @@ def stage(ctx: Context, job_id: int) -> Outcome:
                 for p in job.raw_data_packages
             }
             earlier = _staged_copies(s, [i[0] for i in items], dest_id)
+            for pid, name, *_ in items:
+                _check_other_form(s, job, pid, name, earlier.get(pid), dst)
         mover = ctx.mover_factory(src, dst, None)
         done: list[tuple[int, str, int | None, str | None]] = []
         reused: list[str] = []
         for pid, name, path, checksum, algorithm in items:
-            prior = earlier.get(pid)
-            if prior is not None:
-                status, rel = prior
-                if status in _BEING_DELETED:
-                    raise CopyBusyError(
-                        f"package {name}: its earlier copy at {dst.label} ({rel}) is being "
-                        "deleted; staging again once that is done"
-                    )
-                live = status in (PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED)
-                if live and (status == PhysicalCopyStatus.STAGED) != unpack_it:
-                    form = "unpacked" if unpack_it else "packed"
-                    raise ConfigurationError(
-                        f"package {name} is staged at {dst.label} ({rel}) already, but not "
-                        f"{form} as this job asks; one copy per package and location: release "
-                        "the jobs using it (or ask for the same form) and try again",
-                    )
-                if live and rel and _staged_intact(dst, rel, unpack_it, files[pid]):
-                    done.append((pid, rel, None, None))
-                    reused.append(name)
-                    continue
             rel = staged_path(name, unpack_it)
-            tar_rel = f"{rel}.tar" if unpack_it else rel
+            prior = earlier.get(pid)
+            if (
+                prior is not None
+                and prior[0] == _form(unpack_it)
+                and prior[1] == rel
+                and _staged_intact(dst, rel, unpack_it, files[pid])
+            ):
+                done.append((pid, rel, None, None))
+                reused.append(name)
+                continue
+            # unpacking goes through a tar of its own name: the packed form's path may be
+            # another job's copy
+            tar_rel = f"{rel}.unpacking.tar" if unpack_it else rel
             result = mover.copy(
                 src, path, dst, tar_rel, algorithm=algorithm, expected_checksum=checksum
             )
@@ -1125,20 +1124,39 @@ def stage(ctx: Context, job_id: int) -> Outcome:
         def commit(s: Session) -> str:
             job = s.get(StagingJob, job_id)
             assert job is not None
-            now_busy = {
-                pid: rel
-                for pid, (status, rel) in _staged_copies(
-                    s, [d[0] for d in done], dest_id, lock=True
-                ).items()
-                if status in _BEING_DELETED
-            }
-            if now_busy:  # a deletion claimed one meanwhile (the job was inactive then)
-                raise CopyBusyError(
-                    f"{len(now_busy)} staged copies at {dst.label} are being deleted "
-                    f"({', '.join(sorted(now_busy.values())[:3])}); staging again after that"
-                )
+            now_there = _staged_copies(s, [d[0] for d in done], dest_id, lock=True)
+            replaced: list[str] = []
+            try:
+                for pid, rel, _size, _checksum in done:
+                    there = now_there.get(pid)
+                    name = next(i[1] for i in items if i[0] == pid)
+                    _check_other_form(s, job, pid, name, there, dst)
+                    if (
+                        there is not None
+                        and there[0] in _LIVE_FORMS
+                        and there[1] not in (rel, None)
+                    ):
+                        # the other form, or a folder of the old per-job layout: it goes
+                        # once this commit holds, unless another package's copy is in it
+                        shared = s.scalar(
+                            select(PhysicalCopy.id).where(
+                                PhysicalCopy.data_location_id == dest_id,
+                                PhysicalCopy.relative_path == there[1],
+                                PhysicalCopy.raw_data_package_id != pid,
+                                PhysicalCopy.status.in_(_LIVE_FORMS),
+                            )
+                        )
+                        if shared is None:
+                            replaced.append(str(there[1]))
+            except CopyBusyError:
+                # another job staged it in the other form meanwhile and still needs it: what
+                # this run put there is described by no row, so it goes
+                for pid, rel, size, _checksum in done:
+                    if size is not None and now_there.get(pid, (None, None))[1] != rel:
+                        _remove_staged(dst, rel)
+                raise
             stamp = now()
-            status = PhysicalCopyStatus.STAGED if unpack_it else PhysicalCopyStatus.PRESENT
+            status = _form(unpack_it)
             for pid, rel, size, checksum in done:
                 if size is None:  # reused as it is
                     continue
@@ -1154,8 +1172,8 @@ def stage(ctx: Context, job_id: int) -> Outcome:
                     checksum=checksum,
                     checksum_verified_at=stamp,
                 )
-                if unpack_it:
-                    for fid, frel, _size in files[pid]:
+                for fid, frel, _size in files[pid]:
+                    if unpack_it:
                         _upsert_copy(
                             s,
                             RawDataFilePhysicalCopy,
@@ -1166,16 +1184,98 @@ def stage(ctx: Context, job_id: int) -> Outcome:
                             relative_path=f"{rel}/{frel}",
                             checksum_verified_at=stamp,
                         )
+                    else:  # converted from unpacked: its files are no longer there
+                        _mark_file_copy_deleted(s, fid, dest_id)
             state.complete(job, "staging_job")
             msg = f"staged {len(done)} packages to {dst.label}/staging/"
             if reused:
                 msg += f" ({len(reused)} already there: {', '.join(reused[:3])})"
+            if replaced:
+                msg += f" (converted from the other form: {', '.join(replaced[:3])})"
             _add_log(s, "staging_job", job_id, "info", msg, None)
+            # the other form's files go once no row describes them (after this commit; a
+            # crash in between leaves files behind, never a row without its files)
+            s.info.setdefault("after_commit", []).extend(
+                (lambda r=r: _remove_staged(dst, r)) for r in replaced
+            )
             return msg
 
         return commit
 
     return _run(ctx, "staging_job", job_id, body)
+
+
+_LIVE_FORMS = (PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED)
+
+
+def _form(unpacked: bool) -> PhysicalCopyStatus:
+    """The status of a staged package copy: STAGED unpacked, PRESENT packed."""
+    return PhysicalCopyStatus.STAGED if unpacked else PhysicalCopyStatus.PRESENT
+
+
+def _check_other_form(
+    s: Session,
+    job: StagingJob,
+    package_id: int,
+    name: str,
+    there: tuple[PhysicalCopyStatus, str | None] | None,
+    dst: LocationRef,
+) -> None:
+    """Raise CopyBusyError when the package's copy at the destination is being deleted, or is
+    in the other form and another active job needs it; otherwise this job may (re)stage it."""
+    if there is None:
+        return
+    status, rel = there
+    if status in _BEING_DELETED:
+        raise CopyBusyError(
+            f"package {name}: its copy at {dst.label} ({rel}) is being deleted; staging "
+            "again once that is done"
+        )
+    if status not in _LIVE_FORMS or status == _form(job.unpack):
+        return
+    link = staging_job_raw_data_package
+    others = s.scalars(
+        select(StagingJob.id)
+        .join(link, link.c.staging_job_id == StagingJob.id)
+        .where(
+            link.c.raw_data_package_id == package_id,
+            StagingJob.destination_location_id == job.destination_location_id,
+            StagingJob.id != job.id,
+            StagingJob.active.is_(True),
+            (StagingJob.expires_at.is_(None)) | (StagingJob.expires_at > now()),
+        )
+    ).all()
+    if others:
+        form = "packed" if status == PhysicalCopyStatus.PRESENT else "unpacked"
+        raise CopyBusyError(
+            f"package {name} is staged {form} at {dst.label} ({rel}) for staging job(s) "
+            f"{', '.join(map(str, others[:5]))}; this job stages it in its own form once "
+            "they are released",
+            retry_after_s=300.0,
+        )
+
+
+def _remove_staged(dst: LocationRef, rel: str) -> None:
+    """Remove a staged tar or folder that no row describes (best effort, logged)."""
+    target = dst.path(rel)
+    try:
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove %s at %s: %s", rel, dst.label, exc)
+
+
+def _mark_file_copy_deleted(s: Session, file_id: Any, location_id: int) -> None:
+    fc = s.scalar(
+        select(RawDataFilePhysicalCopy).where(
+            RawDataFilePhysicalCopy.raw_data_file_id == file_id,
+            RawDataFilePhysicalCopy.data_location_id == location_id,
+        )
+    )
+    if fc is not None and fc.status != PhysicalCopyStatus.DELETED:
+        fc.status, fc.deleted_at = PhysicalCopyStatus.DELETED, now()
 
 
 def _staged_copies(

@@ -170,10 +170,6 @@ def record_failure(
         setattr(record, k.status, Status.FAILED)
     else:
         setattr(record, k.status, Status.PENDING)
-        if k.next_attempt_at:
-            setattr(
-                record,
-                k.next_attempt_at,
-                utcnow() + dt.timedelta(seconds=backoff_s(settings, count)),
-            )
+        # (unpack too: before, it had no back-off and a minute's hiccup used up every retry)
+        _set_next_attempt(record, k, utcnow() + dt.timedelta(seconds=backoff_s(settings, count)))
     return permanent

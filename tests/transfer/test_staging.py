@@ -220,24 +220,103 @@ def test_a_deletion_refused_at_run_time_leaves_a_staged_copy_staged(stack: Stack
     assert staged_files_match(stack, pkg) == 3
 
 
-def test_a_packed_copy_is_not_mistaken_for_an_unpacked_one(stack: Stack) -> None:
+def test_the_other_form_waits_for_the_jobs_using_it_then_is_converted(stack: Stack) -> None:
+    """One copy per package and location: a job that wants a package unpacked where another
+    active job has it packed waits (no retry used); once that job is released, the copy is
+    converted, and back again for a later packed job."""
     ctx = ctx_for(stack)
-    stack.file_observation(files=2, seed=6, sizes=(1_000, 5_000))
+    stack.file_observation(files=3, seed=6, sizes=(1_000, 5_000))
     (pkg,) = archived(stack, ctx)
-    new_job(stack, [pkg], unpack=False)
+    root, name = stack.roots["cologne/ramses"], _name(stack, pkg)
+    packed_job = new_job(stack, [pkg], unpack=False)
     assert passes(ctx, "staging") == ["done"]
+    tar = root / staged_path(name, unpacked=False)
     with Session(stack.engine) as s:
         copy = ramses_copy(s, stack, pkg)
         assert copy.status == PhysicalCopyStatus.PRESENT
-        assert copy.relative_path == staged_path(_name(stack, pkg), unpacked=False)
-        assert (stack.roots["cologne/ramses"] / copy.relative_path).is_file()
-    other = new_job(stack, [pkg], unpack=True)
-    assert passes(ctx, "staging") == ["failed"]
+        assert copy.relative_path == staged_path(name, unpacked=False) and tar.is_file()
+
+    unpacked_job = new_job(stack, [pkg], unpack=True)
+    assert passes(ctx, "staging") == ["retry"]
+    _assert_waits(stack, unpacked_job, f"staged packed at cologne/ramses ({tar.relative_to(root)})")
+    assert tar.is_file() and not (root / staged_path(name, unpacked=True)).exists()
+
+    release(stack, packed_job)
+    assert passes(ctx, "staging") == ["done"]
+    assert staged_files_match(stack, pkg) == 3
+    assert not tar.exists()  # converted: the packed form is gone
+    assert not (root / "staging" / f"{name}.unpacking.tar").exists()
+
+    packed_again = new_job(stack, [pkg], unpack=False)
+    assert passes(ctx, "staging") == ["retry"]
+    _assert_waits(stack, packed_again, "staged unpacked at cologne/ramses")
+    release(stack, unpacked_job)
+    assert passes(ctx, "staging") == ["done"]
     with Session(stack.engine) as s:
-        job = s.get(m.StagingJob, other)
-        assert job.status == Status.FAILED
-        assert "ConfigurationError" in job.failure_reason
-        assert "not unpacked as this job asks" in job.failure_reason, job.failure_reason
+        copy = ramses_copy(s, stack, pkg)
+        assert copy.status == PhysicalCopyStatus.PRESENT and tar.is_file()
+        files = s.scalars(
+            select(m.PhysicalCopy).where(
+                m.PhysicalCopy.data_location_id == copy.data_location_id,
+                m.PhysicalCopy.raw_data_file_id.is_not(None),
+            )
+        ).all()
+        assert {f.status for f in files} == {PhysicalCopyStatus.DELETED}
+    assert not (root / staged_path(name, unpacked=True)).exists()
+
+
+def test_a_folder_of_the_old_per_job_layout_is_not_reused_nor_pulled_away(stack: Stack) -> None:
+    """Copies staged before the per-package layout share one ``staging/job_<id>`` folder. A
+    new job restages its package in the new place and leaves the old folder to the other
+    package's copy; the deletions then remove everything."""
+    ctx = ctx_for(stack)
+    stack.file_observation(files=2, seed=7, sizes=(1_000, 5_000))
+    stack.file_observation(files=2, seed=8, sizes=(1_000, 5_000))
+    first, second = archived(stack, ctx)
+    old_job = new_job(stack, [first, second])
+    assert passes(ctx, "staging") == ["done"]
+    root = stack.roots["cologne/ramses"]
+    legacy = root / "staging" / f"job_{old_job}"
+    legacy.mkdir()
+    with Session(stack.engine) as s, s.begin():  # as the old layout recorded them
+        for pid in (first, second):
+            copy = ramses_copy(s, stack, pid)
+            for item in (root / copy.relative_path).iterdir():
+                item.rename(legacy / item.name)
+            (root / copy.relative_path).rmdir()
+            copy.relative_path = f"staging/job_{old_job}"
+            for f in s.get(m.RawDataPackage, pid).files:
+                fc = s.scalars(
+                    select(m.PhysicalCopy).where(
+                        m.PhysicalCopy.raw_data_file_id == f.id,
+                        m.PhysicalCopy.data_location_id == copy.data_location_id,
+                    )
+                ).one()
+                fc.relative_path = f"staging/job_{old_job}/{f.relative_path}"
+
+    new = new_job(stack, [second])
+    assert passes(ctx, "staging") == ["done"]
+    assert staged_files_match(stack, second) == 2  # in its own folder now
+    with Session(stack.engine) as s:
+        for f in s.get(m.RawDataPackage, first).files:  # the other package keeps its files
+            assert (legacy / f.relative_path).is_file()
+    release(stack, old_job)
+    release(stack, new)
+    passes(ctx, "deletion", "deletion")
+    with Session(stack.engine) as s:
+        for pid in (first, second):
+            assert ramses_copy(s, stack, pid).status == PhysicalCopyStatus.DELETED
+    assert not any(p.is_file() for p in root.rglob("*"))
+
+
+def _assert_waits(stack: Stack, job_id: int, why: str) -> None:
+    with Session(stack.engine) as s, s.begin():
+        job = s.get(m.StagingJob, job_id)
+        assert job.status == Status.PENDING and job.retry_count == 0
+        assert job.failure_reason.startswith("CopyBusyError: ") and why in job.failure_reason, (
+            job.failure_reason
+        )
+        job.next_attempt_at = None  # the wait is over
 
 
 def _name(stack: Stack, package_id: int) -> str:
