@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import subprocess
 import sys
 import threading
@@ -315,3 +316,25 @@ def test_a_late_failure_does_not_undo_a_record_another_run_completed(stack: Stac
         pkg = s.get(m.RawDataPackage, pkg_id)
         assert pkg.status == Status.COMPLETED
         assert pkg.retry_count == 0 and pkg.failure_reason is None
+
+
+def test_unpack_retries_back_off_like_the_others() -> None:
+    """Unpack has no next_attempt_at of its own; its transfer's is free by then. Without it a
+    minute's hiccup on the destination disk used up every retry in one go."""
+    from data_transfer import state
+    from data_transfer.errors import StorageError
+    from data_transfer.settings import TransferSettings
+
+    settings = TransferSettings(retry_backoff_s=600)
+    t = m.DataTransfer(
+        status=Status.COMPLETED, unpack_status=Status.IN_PROGRESS, unpack_retry_count=0
+    )
+    before = dt.datetime.now(dt.UTC)
+    assert (
+        state.record_failure(None, t, "unpack", StorageError("stale NFS handle"), settings) is False
+    )
+    assert t.unpack_status == Status.PENDING and t.unpack_retry_count == 1
+    assert t.status == Status.COMPLETED
+    assert t.next_attempt_at >= before + dt.timedelta(seconds=599)
+    state.record_failure(None, t, "unpack", StorageError("stale NFS handle"), settings)
+    assert t.next_attempt_at >= before + dt.timedelta(seconds=1199)  # doubled
