@@ -99,3 +99,12 @@ class PermanentFailureError(TransferSystemError):
 
 class StalledTaskError(TransferSystemError):
     """A task stopped sending heartbeats, or never started: the sweeper reset it."""
+
+
+class NotStartedError(StalledTaskError):
+    """A task was scheduled but no worker started it in time (a long queue, a lost message, no
+    worker for its queue): it is submitted again without counting an attempt, since it never
+    ran; the reason says how long it waited."""
+
+    counts_as_attempt = False
+    retry_after_s = 0.0

@@ -16,6 +16,8 @@ from typing import Protocol
 
 SERVICE_PREFIX = "health:data_transfer:"
 TASK_PREFIX = "ccat:task:"
+#: When Redis started keeping this data center's heartbeats (see :meth:`Heartbeats.memory_s`).
+MEMORY_KEY = "ccat:heartbeats:since"
 
 
 class Heartbeats(Protocol):
@@ -35,6 +37,12 @@ class Heartbeats(Protocol):
 
     def keys(self, prefix: str) -> list[str]:
         """Live keys starting with ``prefix``."""
+        ...
+
+    def memory_s(self) -> float:
+        """For how long this store has been keeping heartbeats: a missing key means a dead
+        task only once this exceeds a heartbeat's time to live (a Redis restarted without
+        persistence has forgotten every live task's key until its next beat)."""
         ...
 
 
@@ -62,6 +70,10 @@ class MemoryHeartbeats:
         with self._lock:
             return sorted(k for k, t in self._until.items() if k.startswith(prefix) and t > now)
 
+    def memory_s(self) -> float:
+        # it lives as long as the process whose tasks beat into it: it forgets nothing
+        return float("inf")
+
 
 class RedisHeartbeats:
     """Heartbeats in Redis (shared by every host of the data center)."""
@@ -82,6 +94,15 @@ class RedisHeartbeats:
 
     def keys(self, prefix: str) -> list[str]:
         return sorted(k.decode() for k in self._redis.scan_iter(match=prefix + "*", count=500))
+
+    def memory_s(self) -> float:
+        # a marker set once (no TTL) in Redis's own clock: gone after a restart without
+        # persistence, a flush or an eviction, and then set again from now
+        seconds, micros = self._redis.time()
+        now = seconds + micros / 1e6
+        self._redis.set(MEMORY_KEY, repr(now), nx=True)
+        since = self._redis.get(MEMORY_KEY)
+        return max(now - float(since), 0.0) if since else 0.0
 
 
 def task_key(kind: str, record_id: object) -> str:

@@ -46,7 +46,7 @@ from ccat_ops_db.models import (
 )
 
 from . import deletion, routing, state
-from .errors import StalledTaskError
+from .errors import NotStartedError, StalledTaskError
 from .heartbeat import Heartbeats, MemoryHeartbeats, task_key
 from .queues import Operation, location_queue
 from .settings import TransferSettings
@@ -637,12 +637,19 @@ def recovery(
 ) -> PassReport:
     """Reset stalled work without a person: IN_PROGRESS records whose task heartbeat stopped
     (worker died), SCHEDULED records whose task never started, and deletions stuck in progress.
-    Each reset counts as a failed attempt with a reason that says what happened."""
+    Each reset of a task that ran counts as a failed attempt with a reason that says what
+    happened; a task that never started is submitted again without counting one. Missing
+    heartbeats are believed only once the heartbeat store is older than a heartbeat's time to
+    live (after a Redis restart, live tasks need one interval to beat again)."""
     report = PassReport("recovery")
     hb = heartbeats or MemoryHeartbeats()
     now = _now()
     stale = now - dt.timedelta(seconds=settings.stale_after_s)
     too_long = now - dt.timedelta(seconds=settings.scheduled_timeout_s)
+    # a heartbeat store that has just lost its keys (Redis restarted without persistence)
+    # cannot tell a dead task from a live one until every live task has beaten again
+    trusted = hb.memory_s() >= settings.stale_after_s
+    skipped = 0
     with Session(engine) as s, s.begin():
         for name, kind in state.KINDS.items():
             col = getattr(kind.model, kind.status)
@@ -654,6 +661,9 @@ def recovery(
             ):
                 status = getattr(rec, kind.status)
                 if status == Status.IN_PROGRESS and hb.alive(task_key(name, rec.id)):
+                    continue
+                if status == Status.IN_PROGRESS and not trusted:
+                    skipped += 1
                     continue
                 updated = (
                     rec.updated_at.replace(tzinfo=dt.UTC)
@@ -667,8 +677,8 @@ def recovery(
                     reason = StalledTaskError(
                         f"no heartbeat for {waited} s: the worker died or lost the task"
                     )
-                else:
-                    reason = StalledTaskError(
+                else:  # it never ran: not a failed attempt
+                    reason = NotStartedError(
                         f"task not started {waited} s after it was scheduled: submitted again"
                     )
                 state.record_failure(s, rec, name, reason, settings)
@@ -690,6 +700,12 @@ def recovery(
         revived = _revive_after_partition(s, settings, now)
     if report.created:
         report.notes.append(f"reset {report.created} stalled records")
+    if skipped:
+        report.notes.append(
+            f"{skipped} tasks without a heartbeat left alone: the heartbeat store is younger "
+            f"than {settings.stale_after_s:g} s (restarted?)"
+        )
+        log.warning("recovery: heartbeat store just (re)started; %d tasks checked later", skipped)
     if revived:
         report.created += revived
         report.notes.append(f"retrying {revived} transfers failed by an unreachable route")
