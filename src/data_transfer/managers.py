@@ -739,15 +739,22 @@ def _revive_after_partition(s: Session, settings: TransferSettings, now: dt.date
 
 
 def fixity(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
-    """Queue archived copies for re-verification, oldest check first, within a byte budget."""
+    """Queue archived copies for re-verification, oldest check first, within a byte budget.
+
+    A copy sent for a check is leased (its ``next_attempt_at`` set ``scheduled_timeout_s``
+    ahead; the task clears it), so later passes do not send it again while it waits in the
+    queue, and the bytes of the leased copies count against ``fixity_bytes_per_pass``: at most
+    that much is queued or being read at any time, however slow the workers. A copy found bad
+    with nothing to repair it from is checked again only after a back-off, so it cannot keep
+    the copies behind it from their turn.
+    """
     report = PassReport("fixity")
-    due_before = _now() - dt.timedelta(days=settings.fixity_interval_days)
-    budget = settings.fixity_bytes_per_pass
-    with Session(engine) as s:
-        # Oldest check first, never-verified copies before all others: the order
-        # (checksum_verified_at NULLS FIRST, id), read as two index range scans.
-        base = (
-            select(PhysicalCopy.id, PhysicalCopy.size, PhysicalCopy.data_location_id)
+    now = _now()
+    naive_now = now.replace(tzinfo=None)
+    due_before = now - dt.timedelta(days=settings.fixity_interval_days)
+    with Session(engine) as s, s.begin():
+        at_archive = (
+            select(PhysicalCopy)
             .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
             .where(
                 DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
@@ -755,25 +762,56 @@ def fixity(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -
                 PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
             )
         )
-        rows = list(
-            s.execute(
-                base.where(PhysicalCopy.checksum_verified_at.is_(None))
+        in_flight = (
+            s.scalar(
+                select(func.coalesce(func.sum(PhysicalCopy.size), 0)).where(
+                    PhysicalCopy.id.in_(
+                        at_archive.where(
+                            PhysicalCopy.next_attempt_at > naive_now,
+                            PhysicalCopy.last_failure_at.is_(None),
+                        )
+                        .with_only_columns(PhysicalCopy.id)
+                        .scalar_subquery()
+                    )
+                )
+            )
+            or 0
+        )
+        budget = settings.fixity_bytes_per_pass - int(in_flight)
+        if budget <= 0:
+            report.notes.append(f"{in_flight} bytes still queued or being checked")
+            return report
+        free = at_archive.where(
+            (PhysicalCopy.next_attempt_at.is_(None)) | (PhysicalCopy.next_attempt_at <= naive_now)
+        )
+        # Oldest check first, never-verified copies before all others: the order
+        # (checksum_verified_at NULLS FIRST, id), read as two index range scans.
+        copies = list(
+            s.scalars(
+                free.where(PhysicalCopy.checksum_verified_at.is_(None))
                 .order_by(PhysicalCopy.id)
                 .limit(settings.batch_size)
-            ).all()
+                .with_for_update(of=PhysicalCopy, skip_locked=True)
+            )
         )
-        if len(rows) < settings.batch_size:
-            rows += s.execute(
-                base.where(PhysicalCopy.checksum_verified_at < due_before.replace(tzinfo=None))
+        if len(copies) < settings.batch_size:
+            copies += s.scalars(
+                free.where(PhysicalCopy.checksum_verified_at < due_before.replace(tzinfo=None))
                 .order_by(PhysicalCopy.checksum_verified_at, PhysicalCopy.id)
-                .limit(settings.batch_size - len(rows))
+                .limit(settings.batch_size - len(copies))
+                .with_for_update(of=PhysicalCopy, skip_locked=True)
             ).all()
+        lease_until = naive_now + dt.timedelta(seconds=settings.scheduled_timeout_s)
         items = []
-        for cid, size, loc_id in rows:
+        for copy in copies:
             if budget <= 0:
                 break
-            budget -= size or 0
-            items.append((cid, location_queue(_loc(s, loc_id), Operation.FIXITY)))
+            budget -= copy.size or 0
+            copy.next_attempt_at = lease_until
+            copy.last_failure_at = None
+            items.append(
+                (copy.id, location_queue(_loc(s, copy.data_location_id), Operation.FIXITY))
+            )
     for cid, queue in items:
         dispatcher.submit("fixity", cid, queue)
         report.scheduled += 1

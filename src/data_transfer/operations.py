@@ -1456,10 +1456,15 @@ def _item_paths(s: Session, copies: list[PhysicalCopy]) -> dict[int, str]:
 
 def fixity(ctx: Context, copy_id: int) -> Outcome:
     """Re-read an archived copy; on a mismatch or loss, repair it from a good copy."""
+    due_before = now() - dt.timedelta(days=ctx.settings.fixity_interval_days)
     with ctx.session() as s:
         copy = s.get(PhysicalCopy, copy_id)
         if copy is None or copy.status != PhysicalCopyStatus.PRESENT:
             return Outcome("fixity", str(copy_id), "skipped", "copy not present")
+        verified = copy.checksum_verified_at
+        if verified is not None and _aware(verified) > due_before:
+            _end_fixity_lease(ctx, copy_id)  # a duplicate of a check already done
+            return Outcome("fixity", str(copy_id), "skipped", f"verified at {verified}")
         pkg = s.get(RawDataPackage, copy.raw_data_package_id)
         assert pkg is not None
         loc = _ref(copy.data_location)
@@ -1492,6 +1497,7 @@ def fixity(ctx: Context, copy_id: int) -> Outcome:
             c = s.get(PhysicalCopy, copy_id)
             assert c is not None
             c.checksum_verified_at = now()
+            c.next_attempt_at = None
         TASK_METRICS.done("fixity", 0.0)
         return Outcome("fixity", str(copy_id), "done", "checksum matches")
     TASK_METRICS.failed("fixity", type(problem).__name__)
@@ -1508,21 +1514,40 @@ def fixity(ctx: Context, copy_id: int) -> Outcome:
         assert c is not None
         if repaired_from:
             c.checksum_verified_at = now()
+            c.next_attempt_at = None
             c.failure_reason = (
                 f"repaired from {repaired_from} after {state.describe_error(problem)}"[:1990]
             )
         else:
+            # checked again after a back-off (it would come first in every pass otherwise,
+            # ahead of every copy that is due)
             c.checksum_verified_at = None
             c.failure_reason = (
                 f"bad copy, no good copy to repair from: {state.describe_error(problem)}"[:1990]
             )
             c.last_failure_at = now()
+            c.retry_count = (c.retry_count or 0) + 1
+            c.next_attempt_at = now() + dt.timedelta(
+                seconds=state.backoff_s(ctx.settings, c.retry_count)
+            )
     return Outcome(
         "fixity",
         str(copy_id),
         "done" if repaired_from else "failed",
         f"repaired from {repaired_from}" if repaired_from else state.describe_error(problem),
     )
+
+
+def _aware(stamp: dt.datetime) -> dt.datetime:
+    """A timestamp from the database as an aware UTC datetime (SQLite hands back naive)."""
+    return stamp.replace(tzinfo=dt.UTC) if stamp.tzinfo is None else stamp
+
+
+def _end_fixity_lease(ctx: Context, copy_id: int) -> None:
+    with ctx.session() as s, s.begin():
+        c = s.get(PhysicalCopy, copy_id)
+        if c is not None and c.last_failure_at is None:
+            c.next_attempt_at = None
 
 
 def repair_copy(

@@ -338,3 +338,47 @@ def test_unpack_retries_back_off_like_the_others() -> None:
     assert t.next_attempt_at >= before + dt.timedelta(seconds=599)
     state.record_failure(None, t, "unpack", StorageError("stale NFS handle"), settings)
     assert t.next_attempt_at >= before + dt.timedelta(seconds=1199)  # doubled
+
+
+def test_fixity_sends_each_copy_once_and_keeps_to_its_byte_budget(stack: Stack) -> None:
+    """Passes come every 30 s, a check of a 50 GB copy takes longer: a copy sent for a check
+    is not sent again while it waits, and the bytes waiting count against the budget. A copy
+    that is bad with nothing to repair it from backs off instead of coming first forever."""
+    stack.file_observation(files=3, seed=22, sizes=(10_000, 40_000))
+    run_until_quiet(Context(engine=stack.engine, settings=transfer_settings(stack.root)))
+    audit = Context(
+        engine=stack.engine,
+        settings=transfer_settings(
+            stack.root, fixity_interval_days=1e-9, fixity_bytes_per_pass=1, retry_backoff_s=600
+        ),
+    )
+    d = QueueDispatcher()
+    assert run_pass("fixity", audit.engine, audit.settings, d).scheduled == 1
+    report = run_pass("fixity", audit.engine, audit.settings, d)  # the first still queued
+    assert report.scheduled == 0 and "still queued or being checked" in report.notes[0]
+    (first,) = [t.payload for t in d.pending]
+    assert [o.result for o in d.drain(audit)] == ["done"]
+    assert run_pass("fixity", audit.engine, audit.settings, d).scheduled == 1
+    (second,) = [t.payload for t in d.pending]
+    assert second != first  # the other archive's copy, the one checked longest ago
+    d.drain(audit)
+
+    with Session(stack.engine) as s:  # both archive copies rot: nothing to repair from
+        pkg = s.scalars(select(m.RawDataPackage)).one()
+        client = stack.s3.client()
+        for lta in s.scalars(select(m.S3DataLocation)):
+            key = lta.key_prefix + pkg.relative_path
+            body = bytearray(client.get_object(Bucket=lta.bucket, Key=key)["Body"].read())
+            body[100] ^= 0x01
+            client.put_object(Bucket=lta.bucket, Key=key, Body=bytes(body))
+    wide = Context(
+        engine=stack.engine,
+        settings=transfer_settings(stack.root, fixity_interval_days=1e-9, retry_backoff_s=600),
+    )
+    assert run_pass("fixity", wide.engine, wide.settings, d).scheduled == 2
+    assert [o.result for o in d.drain(wide)] == ["failed", "failed"]
+    with Session(stack.engine) as s:
+        for copy in s.scalars(select(m.PhysicalCopy).where(m.PhysicalCopy.id.in_([first, second]))):
+            assert copy.failure_reason.startswith("bad copy, no good copy to repair from")
+            assert copy.retry_count == 1 and copy.next_attempt_at is not None
+    assert run_pass("fixity", wide.engine, wide.settings, d).scheduled == 0  # backing off
