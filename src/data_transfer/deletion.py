@@ -11,8 +11,9 @@ A copy at a SOURCE or BUFFER location may go only when every raw data package it
 On top of that, a copy is kept while the pipeline still needs it: a transfer package while a
 transfer from or an unpack at its location is unfinished, and at the sending end also until the
 destination has unpacked and verified what it received (a bad copy found there is fetched
-again from here); a raw data package tar in a buffer
-while an archive transfer from it is unfinished or an archive at its site still lacks it.
+again from here) and while that transfer or unpack is FAILED and waits to be retried; a raw
+data package tar in a buffer while an archive transfer from it is unfinished or an archive at
+its site still lacks it.
 Temporary copies (any location with ``retention_hours``) stay for their retention period unless
 the location is above its high-water mark. Copies in PROCESSING stay while an active staging
 job needs them. Copies in a LONG_TERM_ARCHIVE are never deleted by the pipeline.
@@ -42,6 +43,8 @@ from ccat_ops_db.models import (
 )
 
 ACTIVE = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS)
+#: a transfer (or its unpack) not done yet, or failed and waiting to be retried
+UNFINISHED = (*ACTIVE, Status.FAILED)
 LIVE_COPY = (PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED)
 DELETABLE_STATUS = (
     PhysicalCopyStatus.PRESENT,
@@ -259,9 +262,13 @@ class _Rules:
         """(transfer package, location) pairs with a transfer from, or a transfer or unpack
         into, that location unfinished.
 
-        The origin of a completed transfer stays busy until the unpack at the destination is
-        done too: an unpack that finds the copy bad drops it and sets the transfer back to
-        PENDING, to fetch it again from the origin.
+        The origin stays busy until the destination has unpacked and verified what it got (an
+        unpack that finds the copy bad drops it and sets the transfer back to PENDING, to
+        fetch it again from the origin), and also while the transfer or its unpack is FAILED:
+        a leg failed by a partition is revived by the recovery manager, one failed for
+        another reason is retried by a person once the cause is fixed, and both need the
+        origin's copy then (rebuilding it at a remote origin is not possible from the
+        destination's worker).
         """
         ids = {
             c.data_transfer_package_id
@@ -280,10 +287,10 @@ class _Rules:
                 DataTransfer.unpack_status,
             ).where(
                 DataTransfer.data_transfer_package_id.in_(ids),
-                DataTransfer.status.in_(ACTIVE) | DataTransfer.unpack_status.in_(ACTIVE),
+                DataTransfer.status.in_(UNFINISHED) | DataTransfer.unpack_status.in_(UNFINISHED),
             )
         ):
-            if status in ACTIVE or (status == Status.COMPLETED and unpack in ACTIVE):
+            if status in UNFINISHED or unpack in UNFINISHED:
                 busy.add((dtp, origin))
             if status in ACTIVE or unpack in ACTIVE:
                 busy.add((dtp, dest))

@@ -4,9 +4,10 @@ The secondary leg replicates a transfer package from the first archive site's bu
 to the other archive site (US). Two ways the leg goes back to PENDING after its bytes left:
 the copy that arrived turns out bad at unpack (dropped, fetched again), or the leg failed for a
 network reason and the recovery manager revives it. The first needs the sending copy, so
-deletion keeps it until the destination has unpacked and verified; in the second the sending
-copy may be long gone, and the leg is scheduled anyway: the task rebuilds it from the raw data
-package tars (fetched from the archive) before it copies.
+deletion keeps it until the destination has unpacked and verified, and while the leg is FAILED
+and waits to be revived. Should the sending copy be lost all the same, the leg is scheduled
+anyway: the task rebuilds it from the raw data package tars (fetched from the archive) before
+it copies, where the origin is mounted on the worker.
 
 Real PostgreSQL, real files, archives on moto's S3 server (tests/transfer/stack.py).
 """
@@ -124,8 +125,9 @@ def test_sending_copy_stays_until_the_destination_unpacked(stack: Stack) -> None
 
 
 def revived_after_origin_deleted(stack: Stack) -> tuple[Context, int, Path]:
-    """A secondary leg FAILED by a partition, Cologne's copies deleted meanwhile, then revived:
-    returns the context, the leg's id and where its origin copy was."""
+    """A secondary leg FAILED by a partition keeps Cologne's copy of its transfer package;
+    that copy is then lost all the same (a disk replaced, a person's mistake), and the leg is
+    revived: returns the context, the leg's id and where its origin copy was."""
     ctx = ctx_for(stack, partition_retry_s=60)
     sec_id = to_secondary_leg(stack, ctx)
     with Session(stack.engine) as s, s.begin():
@@ -133,17 +135,21 @@ def revived_after_origin_deleted(stack: Stack) -> tuple[Context, int, Path]:
         sec.status = Status.FAILED
         sec.failure_reason = "NetworkError: injected: the link to us is down"
         sec.last_failure_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
-    passes(ctx, "deletion")  # a FAILED leg needs nothing: Cologne's copies go
-    with Session(stack.engine) as s:
+    passes(ctx, "deletion")  # the FAILED leg will be retried: it keeps Cologne's copy
+    with Session(stack.engine) as s, s.begin():
         sec = s.get(m.DataTransfer, sec_id)
-        assert origin_copy(s, sec).status == PhysicalCopyStatus.DELETED
-        cologne = sec.origin_location
-        dtp_path = Path(cologne.root_path) / sec.data_transfer_package.relative_path
-        assert not dtp_path.exists()
+        kept = origin_copy(s, sec)
+        assert kept.status == PhysicalCopyStatus.PRESENT
+        assert not deletion.verdict(s, kept).allowed
+        cologne = sec.origin_location.id
+        dtp_path = Path(sec.origin_location.root_path) / sec.data_transfer_package.relative_path
+        dtp_path.unlink()  # lost all the same
+        kept.status, kept.deleted_at = PhysicalCopyStatus.DELETED, dt.datetime.now(dt.UTC)
+    with Session(stack.engine) as s:
         # the raw data package tars beside it are gone too: a rebuild fetches them
         assert not s.scalars(
             select(m.PhysicalCopy).where(
-                m.PhysicalCopy.data_location_id == cologne.id,
+                m.PhysicalCopy.data_location_id == cologne,
                 m.PhysicalCopy.raw_data_package_id.is_not(None),
                 m.PhysicalCopy.status != PhysicalCopyStatus.DELETED,
             )
