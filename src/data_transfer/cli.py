@@ -244,13 +244,15 @@ def run_once(
 
 @app.command()
 def status() -> None:
-    """Records per stage and status, and the failures with their reasons."""
+    """Records per stage and status, the failures with their reasons, and what is waiting
+    or retrying with its last reason."""
     from .metrics import failure_reasons, pipeline_counts
 
     try:
         engine = _engine()
         counts = pipeline_counts(engine)
         reasons = failure_reasons(engine)
+        waiting = failure_reasons(engine, ("pending", "scheduled"))
     except (ConfigurationError, DbConfigurationError) as exc:
         _fail(exc)
         return
@@ -269,6 +271,13 @@ def status() -> None:
         for (stage_name, reason), n in sorted(reasons.items()):
             t2.add_row(stage_name, reason, str(n))
         console.print(t2)
+    if waiting:
+        t3 = Table(title="Waiting or retrying, by last reason")
+        for c in ("stage", "reason", "count"):
+            t3.add_column(c)
+        for (stage_name, reason), n in sorted(waiting.items()):
+            t3.add_row(stage_name, reason, str(n))
+        console.print(t3)
 
 
 @app.command()

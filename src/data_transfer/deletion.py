@@ -11,9 +11,9 @@ A copy at a SOURCE or BUFFER location may go only when every raw data package it
 On top of that, a copy is kept while the pipeline still needs it: a transfer package while a
 transfer from or an unpack at its location is unfinished, and at the sending end also until the
 destination has unpacked and verified what it received (a bad copy found there is fetched
-again from here) and while that transfer or unpack is FAILED and waits to be retried; a raw
-data package tar in a buffer while an archive transfer from it is unfinished or an archive at
-its site still lacks it.
+again from here) and while that transfer is FAILED for a network reason (it will be revived);
+a raw data package tar in a buffer while an archive transfer from it is unfinished or an
+archive at its site still lacks it.
 Temporary copies (any location with ``retention_hours``) stay for their retention period unless
 the location is above its high-water mark. Copies in PROCESSING stay while an active staging
 job needs them. Copies in a LONG_TERM_ARCHIVE are never deleted by the pipeline.
@@ -42,9 +42,9 @@ from ccat_ops_db.models import (
     staging_job_raw_data_package,
 )
 
+from .state import PARTITION_REASONS
+
 ACTIVE = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS)
-#: a transfer (or its unpack) not done yet, or failed and waiting to be retried
-UNFINISHED = (*ACTIVE, Status.FAILED)
 LIVE_COPY = (PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED)
 DELETABLE_STATUS = (
     PhysicalCopyStatus.PRESENT,
@@ -264,11 +264,12 @@ class _Rules:
 
         The origin stays busy until the destination has unpacked and verified what it got (an
         unpack that finds the copy bad drops it and sets the transfer back to PENDING, to
-        fetch it again from the origin), and also while the transfer or its unpack is FAILED:
-        a leg failed by a partition is revived by the recovery manager, one failed for
-        another reason is retried by a person once the cause is fixed, and both need the
-        origin's copy then (rebuilding it at a remote origin is not possible from the
-        destination's worker).
+        fetch it again from the origin), and while the transfer is FAILED for a network or
+        storage reason: the recovery manager revives such a leg after ``partition_retry_s``,
+        and it needs the origin's copy then (a destination worker that reaches the origin
+        over ssh cannot rebuild it). A leg FAILED for another reason (configuration, a
+        refused copy) holds nothing: a person retries it, and the copy is rebuilt where the
+        origin is mounted, or fails with the reason.
         """
         ids = {
             c.data_transfer_package_id
@@ -278,19 +279,26 @@ class _Rules:
         if not ids:
             return set()
         busy: set[tuple[int, int]] = set()
-        for dtp, origin, dest, status, unpack in self.s.execute(
+        for dtp, origin, dest, status, unpack, reason in self.s.execute(
             select(
                 DataTransfer.data_transfer_package_id,
                 DataTransfer.origin_location_id,
                 DataTransfer.destination_location_id,
                 DataTransfer.status,
                 DataTransfer.unpack_status,
+                DataTransfer.failure_reason,
             ).where(
                 DataTransfer.data_transfer_package_id.in_(ids),
-                DataTransfer.status.in_(UNFINISHED) | DataTransfer.unpack_status.in_(UNFINISHED),
+                DataTransfer.status.in_((*ACTIVE, Status.FAILED))
+                | DataTransfer.unpack_status.in_(ACTIVE),
             )
         ):
-            if status in UNFINISHED or unpack in UNFINISHED:
+            revived_later = status == Status.FAILED and (reason or "").startswith(PARTITION_REASONS)
+            if (
+                status in ACTIVE
+                or revived_later
+                or (status == Status.COMPLETED and unpack in ACTIVE)
+            ):
                 busy.add((dtp, origin))
             if status in ACTIVE or unpack in ACTIVE:
                 busy.add((dtp, dest))

@@ -682,8 +682,9 @@ def recovery(
                         f"task not started {waited} s after it was scheduled: submitted again"
                     )
                 state.record_failure(s, rec, name, reason, settings)
-                if kind.next_attempt_at and getattr(rec, kind.status) == Status.PENDING:
-                    setattr(rec, kind.next_attempt_at, None)
+                column = state.next_attempt_column(rec, kind)
+                if column and getattr(rec, kind.status) == Status.PENDING:
+                    setattr(rec, column, None)
                 report.created += 1
         stuck = s.scalars(
             select(PhysicalCopy).where(
@@ -712,8 +713,7 @@ def recovery(
     return report
 
 
-#: Failure classes of a transfer that a partition (a route cut off) produces.
-PARTITION_REASONS = ("NetworkError:", "BBCPError:", "StorageError:")
+PARTITION_REASONS = state.PARTITION_REASONS
 
 
 def _revive_after_partition(s: Session, settings: TransferSettings, now: dt.datetime) -> int:

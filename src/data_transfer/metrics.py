@@ -103,8 +103,13 @@ def pipeline_counts(engine: Engine) -> dict[str, dict[str, int]]:
     return out
 
 
-def failure_reasons(engine: Engine) -> dict[tuple[str, str], int]:
-    """FAILED records per stage and exception class (the text before the first colon)."""
+def failure_reasons(
+    engine: Engine, statuses: tuple[str, ...] = ("failed",)
+) -> dict[tuple[str, str], int]:
+    """Records in ``statuses`` (FAILED by default) that carry a reason, per stage and
+    exception class (the text before the first colon). With ``("pending", "scheduled")``:
+    what is waiting (a full BUFFER, a copy being deleted, a task no worker started) or
+    retrying, and why."""
     from .state import KINDS
 
     out: dict[tuple[str, str], int] = {}
@@ -112,7 +117,10 @@ def failure_reasons(engine: Engine) -> dict[tuple[str, str], int]:
         for name, kind in KINDS.items():
             col = getattr(kind.model, kind.status)
             reason_col = getattr(kind.model, kind.failure_reason)
-            for (reason,) in s.execute(select(reason_col).where(col == "failed")).all():
+            query = select(reason_col).where(col.in_(statuses))
+            if statuses != ("failed",):
+                query = query.where(reason_col.is_not(None))
+            for (reason,) in s.execute(query).all():
                 cls = (reason or "unknown").split(":", 1)[0][:64]
                 out[(name, cls)] = out.get((name, cls), 0) + 1
     return out

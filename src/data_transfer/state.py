@@ -77,6 +77,11 @@ KINDS: dict[str, Kind] = {
 }
 
 
+#: Failure classes of a transfer that a partition (a route cut off) produces: such a FAILED
+#: transfer is revived by the recovery manager after ``partition_retry_s``.
+PARTITION_REASONS = ("NetworkError:", "BBCPError:", "StorageError:")
+
+
 def claim(session: Session, kind: str, record_id: Any) -> bool:
     """SCHEDULED → IN_PROGRESS in one conditional UPDATE; False if someone else has it."""
     k = KINDS[kind]
@@ -123,11 +128,22 @@ def describe_error(exc: BaseException, log_path: str | None = None) -> str:
     return text[:1990]
 
 
+def next_attempt_column(record: Any, k: Kind) -> str | None:
+    """The column that holds when ``record`` may be tried again, if any.
+
+    The unpack kind has none of its own: it borrows its transfer's ``next_attempt_at``, which
+    is free while the transfer is COMPLETED. Once the transfer is PENDING again (a bad copy
+    dropped, to be fetched again) the column is the transfer's, and the re-fetch is due now.
+    """
+    if k.next_attempt_at is not None:
+        return k.next_attempt_at
+    if hasattr(record, "next_attempt_at") and getattr(record, "status", None) == Status.COMPLETED:
+        return "next_attempt_at"
+    return None
+
+
 def _set_next_attempt(record: Any, k: Kind, when: dt.datetime) -> None:
-    # the unpack kind has no column of its own: its transfer's next_attempt_at is free by then
-    column = k.next_attempt_at
-    if column is None and hasattr(record, "next_attempt_at"):
-        column = "next_attempt_at"
+    column = next_attempt_column(record, k)
     if column:
         setattr(record, column, when)
 

@@ -187,8 +187,26 @@ def test_cli_queues_status_and_run_once(stack: Stack) -> None:
     status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     assert "long_term_archive_transfer" in status.stdout
+    assert "Waiting or retrying" not in status.stdout
     with Session(stack.engine) as s:
         assert {str(p.state) for p in s.scalars(select(m.RawDataPackage))} == {"archived"}
+    # a task no worker ever started is not FAILED, and still shows, with its reason
+    stack.file_observation(files=1, seed=25)
+    with Session(stack.engine) as s, s.begin():
+        s.add(
+            m.RawDataPackage(
+                name="never-started",
+                relative_path="raw_data_packages/never-started.tar",
+                executed_obs_unit_id=s.scalars(select(m.ExecutedObsUnit.id)).first(),
+                instrument_module_id=s.scalars(select(m.InstrumentModule.id)).first(),
+                status="scheduled",
+                failure_reason="NotStartedError: task not started 21700 s after it was scheduled",
+            )
+        )
+    status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    waiting = status.stdout[status.stdout.index("Waiting or retrying") :]
+    assert "raw_data_package" in waiting and "NotStartedError" in waiting, status.stdout
 
 
 def test_pipeline_metrics_show_backlog_and_failures(stack: Stack) -> None:

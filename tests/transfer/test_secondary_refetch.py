@@ -95,7 +95,8 @@ def assert_every_package_in_every_archive(stack: Stack) -> None:
 
 
 def test_sending_copy_stays_until_the_destination_unpacked(stack: Stack) -> None:
-    ctx = ctx_for(stack)
+    # a long back-off: the re-fetch after a bad copy must not wait for the unpack's
+    ctx = ctx_for(stack, retry_backoff_s=600)
     sec_id = to_secondary_leg(stack, ctx)
     assert passes(ctx, "transfers") == ["done"]  # Cologne -> US; the unpack there is pending
     passes(ctx, "deletion")
@@ -204,3 +205,21 @@ def test_rebuilt_origin_copy_is_not_left_behind(stack: Stack) -> None:
         row = origin_copy(s, sec)
         # a file on disk is described by a live row (and so deleted in its turn), or gone
         assert not dtp_path.exists() or row.status != PhysicalCopyStatus.DELETED
+
+
+def test_a_leg_failed_for_another_reason_holds_no_copy(stack: Stack) -> None:
+    """Only a leg the recovery manager will revive (network or storage reasons) keeps the
+    sending copy; one FAILED for a reason a person has to fix first holds nothing, so a
+    buffer does not fill with copies of archived packages."""
+    ctx = ctx_for(stack)
+    sec_id = to_secondary_leg(stack, ctx)
+    with Session(stack.engine) as s, s.begin():
+        sec = s.get(m.DataTransfer, sec_id)
+        sec.status = Status.FAILED
+        sec.failure_reason = "ConfigurationError: route cologne->us: unknown method 'ftp'"
+    passes(ctx, "recovery", "deletion", "deletion")
+    with Session(stack.engine) as s:
+        sec = s.get(m.DataTransfer, sec_id)
+        assert sec.status == Status.FAILED  # not revived: a person fixes the route first
+        assert origin_copy(s, sec).status == PhysicalCopyStatus.DELETED
+        assert live_upstream_copies(s) == 0
