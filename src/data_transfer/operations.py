@@ -1456,15 +1456,10 @@ def _item_paths(s: Session, copies: list[PhysicalCopy]) -> dict[int, str]:
 
 def fixity(ctx: Context, copy_id: int) -> Outcome:
     """Re-read an archived copy; on a mismatch or loss, repair it from a good copy."""
-    due_before = now() - dt.timedelta(days=ctx.settings.fixity_interval_days)
     with ctx.session() as s:
         copy = s.get(PhysicalCopy, copy_id)
         if copy is None or copy.status != PhysicalCopyStatus.PRESENT:
             return Outcome("fixity", str(copy_id), "skipped", "copy not present")
-        verified = copy.checksum_verified_at
-        if verified is not None and _aware(verified) > due_before:
-            _end_fixity_lease(ctx, copy_id)  # a duplicate of a check already done
-            return Outcome("fixity", str(copy_id), "skipped", f"verified at {verified}")
         pkg = s.get(RawDataPackage, copy.raw_data_package_id)
         assert pkg is not None
         loc = _ref(copy.data_location)
@@ -1536,18 +1531,6 @@ def fixity(ctx: Context, copy_id: int) -> Outcome:
         "done" if repaired_from else "failed",
         f"repaired from {repaired_from}" if repaired_from else state.describe_error(problem),
     )
-
-
-def _aware(stamp: dt.datetime) -> dt.datetime:
-    """A timestamp from the database as an aware UTC datetime (SQLite hands back naive)."""
-    return stamp.replace(tzinfo=dt.UTC) if stamp.tzinfo is None else stamp
-
-
-def _end_fixity_lease(ctx: Context, copy_id: int) -> None:
-    with ctx.session() as s, s.begin():
-        c = s.get(PhysicalCopy, copy_id)
-        if c is not None and c.last_failure_at is None:
-            c.next_attempt_at = None
 
 
 def repair_copy(
