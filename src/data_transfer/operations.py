@@ -234,14 +234,7 @@ def _on_failure(ctx: Context, session: Session, kind: str, record: Any, exc: Bas
     repair: Repair | None = getattr(exc, "repair", None)
     if repair is not None:
         # the copy the mismatch came from: say what was found and done on it
-        copy = session.scalar(
-            select(PhysicalCopy).where(
-                getattr(PhysicalCopy, repair.key) == repair.item_id,
-                PhysicalCopy.data_location_id == repair.location_id,
-            )
-        )
-        if copy is not None:
-            _note_repair(copy, repair)
+        _note_repair(session, repair)
         _add_log(session, kind, record.id, "warning", repair.note, None)
 
 
@@ -957,8 +950,34 @@ def _fetch(
     )
 
 
-def _note_repair(copy: PhysicalCopy, repair: Repair) -> None:
-    """Write what a repair found and did on the copy it worked on."""
+def _note_repair(s: Session, repair: Repair) -> None:
+    """Write what a repair found and did on the copy it worked on; a copy rebuilt where no
+    row described one gets its row (else its file would never be deleted)."""
+    copy = s.scalar(
+        select(PhysicalCopy).where(
+            getattr(PhysicalCopy, repair.key) == repair.item_id,
+            PhysicalCopy.data_location_id == repair.location_id,
+        )
+    )
+    if copy is None:
+        if not repair.fixed:
+            return
+        model, cls = (
+            (RawDataPackage, RawDataPackagePhysicalCopy)
+            if repair.key == "raw_data_package_id"
+            else (DataTransferPackage, DataTransferPackagePhysicalCopy)
+        )
+        item = s.get(model, repair.item_id)
+        assert item is not None
+        copy = _upsert_copy(
+            s,
+            cls,
+            repair.key,
+            repair.item_id,
+            repair.location_id,
+            size=item.size,
+            checksum=item.checksum,
+        )
     copy.failure_reason = repair.note[:1990]
     copy.checksum_verified_at = now() if repair.fixed else None
     gone = (PhysicalCopyStatus.DELETED, PhysicalCopyStatus.DELETION_FAILED)
@@ -971,14 +990,7 @@ def _note_repair(copy: PhysicalCopy, repair: Repair) -> None:
 def _record_repair(ctx: Context, repair: Repair) -> None:
     """Write a repair's result on its copy now (for a copy other than the task's own)."""
     with ctx.session() as s, s.begin():
-        copy = s.scalar(
-            select(PhysicalCopy).where(
-                getattr(PhysicalCopy, repair.key) == repair.item_id,
-                PhysicalCopy.data_location_id == repair.location_id,
-            )
-        )
-        if copy is not None:
-            _note_repair(copy, repair)
+        _note_repair(s, repair)
 
 
 def sidecar_document(s: Session, pkg: RawDataPackage) -> dict[str, Any]:

@@ -125,7 +125,7 @@ def test_sending_copy_stays_until_the_destination_unpacked(stack: Stack) -> None
     assert_every_package_in_every_archive(stack)
 
 
-def revived_after_origin_deleted(stack: Stack) -> tuple[Context, int, Path]:
+def revived_after_origin_deleted(stack: Stack, row: str = "deleted") -> tuple[Context, int, Path]:
     """A secondary leg FAILED by a partition keeps Cologne's copy of its transfer package;
     that copy is then lost all the same (a disk replaced, a person's mistake), and the leg is
     revived: returns the context, the leg's id and where its origin copy was."""
@@ -145,7 +145,10 @@ def revived_after_origin_deleted(stack: Stack) -> tuple[Context, int, Path]:
         cologne = sec.origin_location.id
         dtp_path = Path(sec.origin_location.root_path) / sec.data_transfer_package.relative_path
         dtp_path.unlink()  # lost all the same
-        kept.status, kept.deleted_at = PhysicalCopyStatus.DELETED, dt.datetime.now(dt.UTC)
+        if row == "deleted":
+            kept.status, kept.deleted_at = PhysicalCopyStatus.DELETED, dt.datetime.now(dt.UTC)
+        else:  # and its row with it
+            s.delete(kept)
     with Session(stack.engine) as s:
         # the raw data package tars beside it are gone too: a rebuild fetches them
         assert not s.scalars(
@@ -196,15 +199,17 @@ def test_transfer_of_a_package_never_built_waits(stack: Stack) -> None:
         assert t.status == Status.PENDING and origin_copy(s, t) is None
 
 
-def test_rebuilt_origin_copy_is_not_left_behind(stack: Stack) -> None:
-    ctx, sec_id, dtp_path = revived_after_origin_deleted(stack)
+@pytest.mark.parametrize("row", ["deleted", "none"])
+def test_rebuilt_origin_copy_is_not_left_behind(stack: Stack, row: str) -> None:
+    ctx, sec_id, dtp_path = revived_after_origin_deleted(stack, row)
     run_until_quiet(ctx, passes=8)
     with Session(stack.engine) as s:
         sec = s.get(m.DataTransfer, sec_id)
         assert sec.status == Status.COMPLETED and sec.unpack_status == Status.COMPLETED
-        row = origin_copy(s, sec)
-        # a file on disk is described by a live row (and so deleted in its turn), or gone
-        assert not dtp_path.exists() or row.status != PhysicalCopyStatus.DELETED
+        copy = origin_copy(s, sec)
+        # the rebuilt file is described by a row, and so deleted in its turn
+        assert copy is not None and copy.status == PhysicalCopyStatus.DELETED
+        assert not dtp_path.exists()
 
 
 def test_a_leg_failed_for_another_reason_holds_no_copy(stack: Stack) -> None:
