@@ -7,4 +7,4 @@ from tests.transfer.servers import (  # noqa: F401
     s3_server,
     sshd,
 )
-from tests.transfer.stack import redis_server  # noqa: F401
+from tests.transfer.stack import redis_server, stack  # noqa: F401

@@ -314,3 +314,23 @@ def transfer_settings(root: Path, **overrides: Any) -> Any:
 def cleanup(root: Path) -> None:
     """Remove a stack folder."""
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def stack(pg_url: str, tmp_path: Path, s3_server: S3Server) -> Iterator[Stack]:
+    """The stack of one test, without Redis: its own database, folders and S3 buckets."""
+    st = make_stack(pg_url, tmp_path, s3_server, None)
+    yield st
+    st.engine.dispose()
+
+
+def passes(ctx: Any, *names: str) -> list[str]:
+    """Run manager passes in this process, each followed by its tasks; the task results."""
+    from data_transfer.inline import QueueDispatcher
+    from data_transfer.managers import run_pass
+
+    d, results = QueueDispatcher(), []
+    for name in names:
+        run_pass(name, ctx.engine, ctx.settings, d)
+        results += [o.result for o in d.drain(ctx)]
+    return results

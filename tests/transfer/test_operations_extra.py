@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,8 @@ from data_transfer.managers import run_pass
 from data_transfer.metrics import PipelineCollector
 from data_transfer.operations import Context
 from data_transfer.queues import discover_queues
-from tests.transfer.stack import Stack, make_stack, transfer_settings
+from tests.transfer.stack import Stack, transfer_settings
 from tests.transfer.test_pipeline import check_archive_bytes, run_until_quiet
-
-
-@pytest.fixture
-def stack(pg_url: str, tmp_path: Path, s3_server) -> Iterator[Stack]:
-    st = make_stack(pg_url, tmp_path, s3_server, None)
-    yield st
-    st.engine.dispose()
 
 
 def test_fixity_audit_finds_a_corrupted_archive_copy_and_repairs_it(stack: Stack) -> None:

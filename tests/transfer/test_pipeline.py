@@ -9,10 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -23,14 +21,7 @@ from data_transfer.checksums import hash_bytes
 from data_transfer.inline import QueueDispatcher, run_all_once
 from data_transfer.managers import run_pass
 from data_transfer.operations import Context
-from tests.transfer.stack import Stack, make_stack, transfer_settings
-
-
-@pytest.fixture
-def stack(pg_url: str, tmp_path: Path, s3_server) -> Iterator[Stack]:
-    st = make_stack(pg_url, tmp_path, s3_server, None)
-    yield st
-    st.engine.dispose()
+from tests.transfer.stack import Stack, transfer_settings
 
 
 def ctx_for(stack: Stack, **overrides) -> Context:

@@ -4,10 +4,7 @@ believed, and a task that never started is submitted again without using up a re
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -20,16 +17,9 @@ from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
 from data_transfer.operations import Context
 
-from .stack import RedisServer, Stack, make_stack, transfer_settings
+from .stack import RedisServer, Stack, transfer_settings
 
 STALE_S = 1.0
-
-
-@pytest.fixture
-def stack(pg_url: str, tmp_path: Path, s3_server) -> Iterator[Stack]:
-    st = make_stack(pg_url, tmp_path, s3_server, None)
-    yield st
-    st.engine.dispose()
 
 
 def scheduled_package(stack: Stack, ctx: Context) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,18 +24,9 @@ from sqlalchemy.orm import Session
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import PackageState, PhysicalCopyStatus, Status
 from data_transfer.checksums import hash_file
-from data_transfer.inline import QueueDispatcher
-from data_transfer.managers import run_pass
 from data_transfer.operations import Context
-from tests.transfer.stack import Stack, make_stack
+from tests.transfer.stack import Stack, passes
 from tests.transfer.test_pipeline import check_archive_bytes, ctx_for, run_until_quiet
-
-
-@pytest.fixture
-def stack(pg_url: str, tmp_path: Path, s3_server) -> Iterator[Stack]:
-    st = make_stack(pg_url, tmp_path, s3_server, None)
-    yield st
-    st.engine.dispose()
 
 
 def flip(path: Path, where: float = 0.5) -> None:
@@ -46,15 +36,6 @@ def flip(path: Path, where: float = 0.5) -> None:
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
-
-
-def passes(ctx: Context, *names: str) -> list[str]:
-    """Run manager passes, each followed by its tasks; returns the task results."""
-    d, results = QueueDispatcher(), []
-    for name in names:
-        run_pass(name, ctx.engine, ctx.settings, d)
-        results += [o.result for o in d.drain(ctx)]
-    return results
 
 
 def finishes_with_original_bytes(stack: Stack, ctx: Context) -> int:

@@ -15,7 +15,6 @@ Real PostgreSQL, real files, archives on moto's S3 server (tests/transfer/stack.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,25 +27,9 @@ from data_transfer import deletion, routing
 from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
 from data_transfer.operations import Context
-from tests.transfer.stack import Stack, live_upstream_copies, make_stack
+from tests.transfer.stack import Stack, live_upstream_copies, passes
 from tests.transfer.test_pipeline import check_archive_bytes, ctx_for, run_until_quiet
 from tests.transfer.test_repair_upstream import flip
-
-
-@pytest.fixture
-def stack(pg_url: str, tmp_path: Path, s3_server) -> Iterator[Stack]:
-    st = make_stack(pg_url, tmp_path, s3_server, None)
-    yield st
-    st.engine.dispose()
-
-
-def passes(ctx: Context, *names: str) -> list[str]:
-    """Run manager passes, each followed by its tasks; returns the task results."""
-    d, results = QueueDispatcher(), []
-    for name in names:
-        run_pass(name, ctx.engine, ctx.settings, d)
-        results += [o.result for o in d.drain(ctx)]
-    return results
 
 
 def to_secondary_leg(stack: Stack, ctx: Context) -> int:

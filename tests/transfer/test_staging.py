@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -21,24 +18,8 @@ from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
 from data_transfer.operations import Context, staged_path
 
-from .stack import Stack, make_stack
+from .stack import Stack, passes
 from .test_pipeline import ctx_for, run_until_quiet
-
-
-@pytest.fixture
-def stack(pg_url: str, tmp_path: Path, s3_server) -> Iterator[Stack]:
-    st = make_stack(pg_url, tmp_path, s3_server, None)
-    yield st
-    st.engine.dispose()
-
-
-def passes(ctx: Context, *names: str) -> list[str]:
-    """Run manager passes, each followed by its tasks; returns the task results."""
-    d, results = QueueDispatcher(), []
-    for name in names:
-        run_pass(name, ctx.engine, ctx.settings, d)
-        results += [o.result for o in d.drain(ctx)]
-    return results
 
 
 def archived(stack: Stack, ctx: Context) -> list[int]:
