@@ -264,20 +264,17 @@ def status() -> None:
     for stage_name, by in counts.items():
         table.add_row(stage_name, *(str(by.get(c, 0)) for c in cols))
     console.print(table)
-    if reasons:
-        t2 = Table(title="Failed, by reason")
-        for c in ("stage", "reason", "count"):
-            t2.add_column(c)
-        for (stage_name, reason), n in sorted(reasons.items()):
-            t2.add_row(stage_name, reason, str(n))
-        console.print(t2)
-    if waiting:
-        t3 = Table(title="Waiting or retrying, by last reason")
-        for c in ("stage", "reason", "count"):
-            t3.add_column(c)
-        for (stage_name, reason), n in sorted(waiting.items()):
-            t3.add_row(stage_name, reason, str(n))
-        console.print(t3)
+    for title, by_reason in (
+        ("Failed, by reason", reasons),
+        ("Waiting or retrying, by last reason", waiting),
+    ):
+        if by_reason:
+            t2 = Table(title=title)
+            for c in ("stage", "reason", "count"):
+                t2.add_column(c)
+            for (stage_name, reason), n in sorted(by_reason.items()):
+                t2.add_row(stage_name, reason, str(n))
+            console.print(t2)
 
 
 @app.command()
