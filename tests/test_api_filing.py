@@ -188,22 +188,25 @@ def test_file_one_refile_and_conflict(api: ApiServer) -> None:
         ({"relative_path": "a/../b.fits"}, "relative_path"),
         ({"size": -1}, "size"),
         ({"checksum": "xyz"}, "checksum"),
-        ({"checksum": "ab" * 10}, None),  # wrong length for sha256: model-level error
+        ({"checksum": "ab" * 10}, "checksum"),  # wrong length for sha256
+        ({"checksum": "zz" * 32}, "checksum"),  # not hex
+        ({"name": "scan\u0000.fits"}, "name"),  # the database cannot store a NUL
+        ({"extra": {"note": "a\u0000b"}}, "extra"),  # nor in nested values
+        ({"file_type": "fits\u0000"}, "file_type"),
+        ({"written_at": "0001-01-01T00:00:00+01:00"}, "written_at"),  # before year 1 in UTC
+        ({"written_at": "9999-12-31T23:59:59-01:00"}, "written_at"),  # after 9999 in UTC
         ({"checksum_algorithm": "crc32"}, "checksum_algorithm"),
         ({"instrument_module_id": 0}, "instrument_module_id"),
         ({"executed_obs_unit_id": "nope"}, "executed_obs_unit_id"),
         ({"unknown_field": 1}, "unknown_field"),
     ],
 )
-def test_file_bad_input_is_422_naming_the_field(
-    api: ApiServer, override: dict, field: str | None
-) -> None:
+def test_file_bad_input_is_422_naming_the_field(api: ApiServer, override: dict, field: str) -> None:
     eou_id = start_eou(api)
     with api.client("instrument") as c:
         r = c.post("/api/v1/raw_data_files", json=file_body(api, eou_id, **override))
     assert r.status_code == 422, r.text
-    if field:
-        assert any(e["loc"][-1] == field for e in r.json()["errors"]), r.json()
+    assert any(e["loc"][-1] == field for e in r.json()["errors"]), r.json()
 
 
 def test_file_unknown_references(api: ApiServer) -> None:
@@ -413,3 +416,28 @@ def test_readyz_reports_unmigrated_and_unreachable(pg_server: PgServer, tmp_path
             assert r.status_code == 503
             assert r.json()["database"] == "unreachable"
             assert c.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"comment": "note\u0000"}, "comment"),
+        ({"conditions": {"wind": ["calm", "gust\u0000"]}}, "conditions"),
+    ],
+)
+def test_observation_text_with_a_nul_is_refused_naming_the_field(
+    api: ApiServer, override: dict, field: str
+) -> None:
+    """A NUL cannot be stored: refused at once, not accepted (and buffered at the site) only
+    to be refused for good later."""
+    body = {
+        "id": str(uuid.uuid4()),
+        "start_time": "2026-05-01T03:00:00Z",
+        "instrument_id": api.ids["CHAI"],
+        **override,
+    }
+    with api.client("instrument") as c:
+        r = c.post("/api/v1/executed_obs_units/start", json=body)
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["errors"]
+    assert error["loc"][-1] == field and "NUL" in error["msg"], error

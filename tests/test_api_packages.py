@@ -477,8 +477,8 @@ def test_finalize_at_the_source_itself(api: ApiServer) -> None:
         ({"size": -1}, ["body", "size"]),
         ({"size": 2**63}, ["body", "size"]),
         ({"checksum": "xyz"}, ["body", "checksum"]),
-        ({"checksum": "zz" * 32}, ["body"]),  # not hex: model-level error
-        ({"checksum": "ab" * 10}, ["body"]),  # wrong length for sha256
+        ({"checksum": "zz" * 32}, ["body", "checksum"]),  # not hex
+        ({"checksum": "ab" * 10}, ["body", "checksum"]),  # wrong length for sha256
         ({"checksum_algorithm": "crc32"}, ["body", "checksum_algorithm"]),
         ({"location_id": 0}, ["body", "location_id"]),
         ({"relative_path": "../x.tar"}, ["body", "relative_path"]),

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 T = TypeVar("T")
 
@@ -46,6 +46,19 @@ RelativePath = Annotated[
 ]
 
 CHECKSUM_LENGTHS = {"sha256": 64, "blake2b": 128, "md5": 32, "adler32": 8, "xxh3_128": 32}
+
+
+def checksum_validator() -> Any:
+    """A validator of a model's ``checksum`` field against its ``checksum_algorithm`` (which
+    the model declares first), so that errors name the ``checksum`` field."""
+
+    def check(value: str, info: ValidationInfo) -> str:
+        algorithm = info.data.get("checksum_algorithm")
+        if algorithm is None:  # the algorithm itself is invalid: that error says so
+            return value
+        return check_checksum(getattr(algorithm, "value", str(algorithm)), value)
+
+    return field_validator("checksum")(check)
 
 
 def check_checksum(algorithm: str, checksum: str) -> str:

@@ -6,20 +6,49 @@ import datetime as dt
 import uuid
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ccat_ops_db.enums import ChecksumAlgorithm, ExecutionStatus
 
-from .common import ORMModel, RelativePath, check_checksum
+from .common import ORMModel, RelativePath, checksum_validator
 
 EXAMPLE_EOU = "3f1c2a9e-8d47-4d6b-9a51-0c2b7e5d1a10"
 EXAMPLE_FILE = "a6d0c1f2-47b3-4f3e-8e1d-2b9c5e7f0a31"
 
 
 class Strict(BaseModel):
-    """Input model: unknown fields are errors (a typo never passes silently)."""
+    """Input model: unknown fields are errors (a typo never passes silently), and no text
+    anywhere in it, nested dictionaries and lists included, may hold a NUL character (the
+    database cannot store one: a site buffer would accept it and the main site refuse it for
+    good)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        where = _nul_in(value)
+        if where is not None:
+            raise ValueError(f"must not contain NUL characters{where}")
+        return value
+
+
+def _nul_in(value: Any, path: str = "") -> str | None:
+    """Where in ``value`` a string holds a NUL ("" for the value itself, " (at a.b[2])" for a
+    nested one), or None."""
+    if isinstance(value, str):
+        return (f" (at {path.lstrip('.')})" if path else "") if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _nul_in(str(key), f"{path}.{key!s}") or _nul_in(item, f"{path}.{key!s}")
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _nul_in(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 class ExecutedObsUnitStart(Strict):
@@ -72,8 +101,9 @@ class RawDataFileIn(Strict):
         None, max_length=255, description="Defaults to the last component of relative_path."
     )
     size: int = Field(ge=0, le=2**63 - 1, examples=[52_428_800])
-    checksum: str = Field(min_length=8, max_length=128, examples=["9f86d081" * 8])
+    # the algorithm first: the checksum is checked against it (errors then name `checksum`)
     checksum_algorithm: ChecksumAlgorithm = ChecksumAlgorithm.SHA256
+    checksum: str = Field(min_length=8, max_length=128, examples=["9f86d081" * 8])
     instrument_module_id: int = Field(ge=1, le=2**31 - 1, examples=[5])
     executed_obs_unit_id: uuid.UUID = Field(examples=[EXAMPLE_EOU])
     source_location_id: int = Field(ge=1, le=2**31 - 1, examples=[2])
@@ -81,14 +111,23 @@ class RawDataFileIn(Strict):
     written_at: AwareDatetime | None = None
     extra: dict[str, Any] | None = None
 
+    _checksum = checksum_validator()
+
+    @field_validator("written_at")
+    @classmethod
+    def _in_utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        """Stored and answered in UTC, like every other time of the API."""
+        if value is None or not value.utcoffset():
+            return value
+        try:
+            return value.astimezone(dt.UTC)
+        except OverflowError:
+            raise ValueError("is out of range once converted to UTC") from None
+
     @model_validator(mode="after")
     def _normalise(self) -> RawDataFileIn:
-        self.checksum = check_checksum(self.checksum_algorithm.value, self.checksum)
         if self.name is None:
             self.name = self.relative_path.replace("\\", "/").rsplit("/", 1)[-1]
-        if self.written_at is not None and self.written_at.utcoffset():
-            # stored and answered in UTC, like every other time of the API
-            self.written_at = self.written_at.astimezone(dt.UTC)
         return self
 
 

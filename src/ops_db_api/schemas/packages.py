@@ -6,7 +6,7 @@ import datetime as dt
 import uuid
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field
 
 from ccat_ops_db.enums import (
     ChecksumAlgorithm,
@@ -16,7 +16,7 @@ from ccat_ops_db.enums import (
     Status,
 )
 
-from .common import ORMModel, RelativePath, check_checksum
+from .common import ORMModel, RelativePath, checksum_validator
 from .filing import EXAMPLE_EOU, EXAMPLE_FILE, Strict
 
 #: Most files one package may be created with (one request, one UPDATE).
@@ -80,8 +80,9 @@ class RawDataPackageFinalize(Strict):
     """The built tar: its size and checksum, and where it now is (SOURCE or BUFFER)."""
 
     size: int = Field(ge=0, le=2**63 - 1, examples=[52_428_800])
-    checksum: str = Field(min_length=8, max_length=128, examples=["9f86d081" * 8])
+    # the algorithm first: the checksum is checked against it (errors then name `checksum`)
     checksum_algorithm: ChecksumAlgorithm = ChecksumAlgorithm.SHA256
+    checksum: str = Field(min_length=8, max_length=128, examples=["9f86d081" * 8])
     location_id: int = Field(
         ge=1,
         le=2**31 - 1,
@@ -90,10 +91,7 @@ class RawDataPackageFinalize(Strict):
     )
     relative_path: RelativePath = Field(examples=["2026/05/01/" + EXAMPLE_PACKAGE])
 
-    @model_validator(mode="after")
-    def _normalise(self) -> RawDataPackageFinalize:
-        self.checksum = check_checksum(self.checksum_algorithm.value, self.checksum)
-        return self
+    _checksum = checksum_validator()
 
 
 class RawDataPackageStateChange(Strict):
