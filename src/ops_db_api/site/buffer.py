@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +37,11 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateIndex
 
 log = logging.getLogger("ops_db_api.site")
 
@@ -66,6 +69,22 @@ items = Table(
     Index("ix_site_buffer_state_seq", "state", "seq"),
     Index("ix_site_buffer_replayed_at", "replayed_at"),
 )
+
+#: A buffered file's place, from its payload: (source location, relative path) must be unique
+#: among the files filed, as on the main site (``raw_data_file``'s unique constraint).
+FILE_LOCATION = items.c.payload["source_location_id"].as_integer()
+FILE_PATH = items.c.payload["relative_path"].as_string()
+#: Files are looked up by path at filing time; an expression index keeps that an index scan.
+#: Created by :meth:`SiteBuffer.create_schema` also on buffers made before it existed.
+path_index = Index("ix_site_buffer_file_path", FILE_PATH)
+#: States in which a buffered file holds its path: on its way to the main site, or there.
+#: A parked file was refused by the main site and holds nothing until it is retried.
+HOLDS_PATH = ("pending", "replayed")
+#: Filings of files take these transaction-level advisory locks (PostgreSQL) on the buckets
+#: of their paths, so two requests filing the same path under different ids cannot both pass
+#: the check. Few buckets: a bulk takes at most this many locks.
+PATH_LOCK_CLASS = 0x0CCA
+PATH_LOCK_BUCKETS = 64
 
 #: The replayer's running totals and its last error (one row, id 1).
 replay_state = Table(
@@ -198,6 +217,7 @@ class SiteBuffer:
         migrated part of the ops database)."""
         metadata.create_all(self.engine)
         with self.engine.begin() as conn:
+            conn.execute(CreateIndex(path_index, if_not_exists=True))  # older buffers
             if conn.execute(select(replay_state.c.id)).first() is None:
                 conn.execute(replay_state.insert().values(id=1, replayed_total=0, parked_total=0))
 
@@ -221,6 +241,46 @@ class SiteBuffer:
                 it = _item(row)
                 found[it.item_id] = it
         return found
+
+    def lock_paths(self, conn: Connection, keys: Iterable[tuple[int, str]]) -> None:
+        """Serialise the filings of the same (source location, relative path) keys until the
+        transaction of ``conn`` ends (PostgreSQL; SQLite serialises writers anyway).
+
+        Taken before :meth:`paths_held`, so a concurrent request's file at one of these paths
+        is committed (and seen) or not yet checked. Buckets, not one lock per path: a bulk of
+        thousands of files takes at most ``PATH_LOCK_BUCKETS`` locks, in order (no deadlock).
+        """
+        if not self.is_postgresql:
+            return
+        buckets = sorted(
+            {zlib.crc32(f"{loc}\x00{path}".encode()) % PATH_LOCK_BUCKETS for loc, path in keys}
+        )
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(:c, b) FROM unnest(CAST(:bs AS integer[])) AS b"),
+            {"c": PATH_LOCK_CLASS, "bs": buckets},
+        ).all()
+
+    def paths_held(
+        self, conn: Connection, keys: Iterable[tuple[int, str]]
+    ) -> dict[tuple[int, str], uuid.UUID]:
+        """The ids of buffered files holding these (source location, relative path) keys:
+        pending or replayed ones (the first buffered, should there be several)."""
+        wanted = set(keys)
+        paths = sorted({path for _, path in wanted})
+        held: dict[tuple[int, str], uuid.UUID] = {}
+        for i in range(0, len(paths), 5000):
+            for item_id, loc, path in conn.execute(
+                select(items.c.item_id, FILE_LOCATION, FILE_PATH)
+                .where(
+                    FILE_PATH.in_(paths[i : i + 5000]),
+                    items.c.kind == "file",
+                    items.c.state.in_(HOLDS_PATH),
+                )
+                .order_by(items.c.seq)
+            ):
+                if (loc, path) in wanted:
+                    held.setdefault((loc, path), item_id)
+        return held
 
     def insert_new(
         self,

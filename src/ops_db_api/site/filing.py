@@ -2,8 +2,11 @@
 
 The same rules as on the main site, checked as far as the observatory can see: a UUID filed
 again with the same content answers 200, with other content 409 naming the fields; a bulk
-request is all-or-nothing. What only the main site can know (a conflict with a write that
-reached Cologne by another way) shows up at replay and is parked there.
+request is all-or-nothing; a (source location, path) another file holds (replica, or buffer
+on its way to the main site) is a 409 as on the main site; a write filed again as it was but
+parked answers 409 "parked" with the main site's reason. What only the main site can know
+(a conflict with a write that reached Cologne by another way) shows up at replay and is
+parked there.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..filing import (
     source_location_error,
 )
 from ..schemas.filing import ExecutedObsUnitFinish, ExecutedObsUnitStart, RawDataFileIn
-from .buffer import SiteBuffer
+from .buffer import BufferedItem, SiteBuffer
 
 log = logging.getLogger("ops_db_api.site")
 
@@ -45,12 +48,54 @@ def _conflict(what: str, item_id: uuid.UUID, fields: list[str], loc: list[Any]) 
     }
 
 
+def _parked(what: str, item: BufferedItem, loc: list[Any]) -> dict[str, Any]:
+    """A write filed again as it was, but parked: the main site refused it (409 at filing)."""
+    return {
+        "loc": loc,
+        "msg": f"{what} {item.item_id} is parked: the main site refused it "
+        f"({item.park_reason}); an operator retries it once the cause is fixed",
+        "type": "parked",
+        "replication": "parked",
+        "reason": item.park_reason,
+        "status_code": item.park_status,
+        "seq": item.seq,
+    }
+
+
+def _path_conflict(holder: uuid.UUID, loc: list[Any]) -> dict[str, Any]:
+    """The main API's error for a (source location, path) another file holds."""
+    return {
+        "loc": loc,
+        "msg": f"path already filed at this location as file {holder}",
+        "type": "conflict",
+    }
+
+
+def _paths_in_replica(db: Session, keys: set[tuple[int, str]]) -> dict[tuple[int, str], uuid.UUID]:
+    """The files of the replica at these (source location, relative path) keys."""
+    held: dict[tuple[int, str], uuid.UUID] = {}
+    for loc_id in {loc for loc, _ in keys}:
+        paths = sorted(p for loc, p in keys if loc == loc_id)
+        for n in range(0, len(paths), 5000):
+            for fid, path in db.execute(
+                select(RawDataFile.id, RawDataFile.relative_path).where(
+                    RawDataFile.source_location_id == loc_id,
+                    RawDataFile.relative_path.in_(paths[n : n + 5000]),
+                )
+            ):
+                held[(loc_id, path)] = fid
+    return held
+
+
 def buffer_files(
     replica: Engine, buffer: SiteBuffer, files: list[RawDataFileIn], token_id: int | None
 ) -> tuple[int, int]:
     """Validate ``files`` and buffer the new ones in one transaction; returns (new, unchanged).
 
-    Raises :class:`ApiError` 422/409 listing every rejected item before anything is written.
+    Raises :class:`ApiError` 422/409 listing every rejected item before anything is written:
+    409 for a file filed before with other values, for a new file at a (source location,
+    path) another file holds - in the replica, or in the buffer on its way to the main site -
+    and for a file filed again that the main site refused (parked, with the reason).
     """
     payloads = [f.model_dump(mode="json") for f in files]
     wanted = [f.model_dump() for f in files]
@@ -89,7 +134,9 @@ def buffer_files(
             for row in db.scalars(select(RawDataFile).where(RawDataFile.id.in_(ids[n : n + 5000]))):
                 in_replica[row.id] = row
                 db.expunge(row)
+        replica_paths = _paths_in_replica(db, set(paths))
     with buffer.engine.begin() as conn:
+        buffer.lock_paths(conn, paths)  # until commit: the path check below cannot race
         eous |= set(buffer.existing(conn, "eou_start", eou_ids - eous))
         for i, f in enumerate(files):
             if f.instrument_module_id not in modules:
@@ -115,6 +162,7 @@ def buffer_files(
         if errors:
             raise ApiError(422, f"{len(errors)} item(s) rejected", errors)
         in_buffer = buffer.existing(conn, "file", [i for i in ids if i not in in_replica])
+        buffer_paths = buffer.paths_held(conn, paths)
         new: list[tuple[uuid.UUID, dict[str, Any]]] = []
         unchanged = 0
         for i, f in enumerate(files):
@@ -123,16 +171,25 @@ def buffer_files(
             if f.id in in_replica:
                 diff = differing_fields(in_replica[f.id], wanted[i], FILE_FIELDS)
             elif f.id in in_buffer:
-                diff = _payload_diff(in_buffer[f.id].payload, payloads[i])
+                old = in_buffer[f.id]
+                diff = _payload_diff(old.payload, payloads[i])
+                if not diff and old.state == "parked":
+                    errors.append(_parked("file", old, ["files", i]))
+                    continue
             else:
-                new.append((f.id, payloads[i]))
+                key = (f.source_location_id, f.relative_path)
+                holder = replica_paths.get(key) or buffer_paths.get(key)
+                if holder is not None and holder != f.id:
+                    errors.append(_path_conflict(holder, ["files", i, "relative_path"]))
+                else:
+                    new.append((f.id, payloads[i]))
                 continue
             if diff:
                 errors.append(_conflict("file", f.id, diff, ["files", i]))
             else:
                 unchanged += 1
         if errors:
-            raise ApiError(409, f"{len(errors)} item(s) conflict with filed values", errors)
+            raise ApiError(409, f"{len(errors)} item(s) conflict with filed data", errors)
         inserted = buffer.insert_new(conn, "file", new, token_id)
         if inserted != len(new):
             # a concurrent request buffered some of the same ids: check everything again
@@ -176,6 +233,8 @@ def buffer_start(
             diff = _payload_diff(old.payload, payload)
             if diff:
                 raise _start_conflict(body.id, diff)
+            if old.state == "parked":
+                raise _parked_error("executed obs unit start", old)
             return False
         if buffer.insert_new(conn, "eou_start", [(body.id, payload)], token_id) != 1:
             raise _RacedError()
@@ -231,6 +290,8 @@ def buffer_finish(
             diff = _payload_diff(old.payload, payload)
             if diff:
                 raise _finish_conflict(eou_id, diff)
+            if old.state == "parked":
+                raise _parked_error("executed obs unit finish", old)
             return False
         if buffer.insert_new(conn, "eou_finish", [(eou_id, payload)], token_id) != 1:
             raise _RacedError()
@@ -247,3 +308,9 @@ def _finish_conflict(eou_id: uuid.UUID, diff: list[str]) -> ApiError:
             for f in diff
         ],
     )
+
+
+def _parked_error(what: str, item: BufferedItem) -> ApiError:
+    """409 for a start or finish filed again as it was, which the main site refused."""
+    err = _parked(what, item, ["body"])
+    return ApiError(409, err["msg"], [err])

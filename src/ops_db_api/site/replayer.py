@@ -10,6 +10,11 @@
 * While the main site is unreachable (connection errors, 5xx, 429) or refuses the replayer's
   token (401/403), nothing is parked: the replayer waits with exponential backoff and jitter
   and records the error for ``ccat-api buffer status``.
+* A 404 or 400 refuses the data only when its body is the main API's own error document
+  about it (``{"detail": "executed obs unit … not found", "errors": [...]}``). One that is
+  not - a proxy's HTML page, a bare ``{"detail": "Not Found"}``, or the API's answer for a
+  route it does not have (``CCAT_API_MAIN_URL`` with a wrong path prefix) - is a link or
+  configuration error: nothing is parked, the replayer backs off and says so.
 * One replayer at a time: a PostgreSQL advisory lock on the buffer database.
 """
 
@@ -22,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import httpx
@@ -32,11 +38,19 @@ from .buffer import REPLAYER_LOCK_KEY, BufferedItem, SiteBuffer
 log = logging.getLogger("ops_db_api.site.replayer")
 
 API = "/api/v1"
+#: Statuses with which the main API refuses the data itself: the write is parked.
 CONTENT_REFUSALS = {400, 404, 409, 413, 422}
+#: ... but only if the body is the API's own answer about the data: these two are also what a
+#: proxy, or a URL that does not reach the API's routes, answers.
+ROUTING_STATUSES = {400, 404}
 
 
 class LinkDownError(Exception):
     """The main site cannot take writes right now (unreachable, 5xx, 429, token refused)."""
+
+
+class LinkConfigError(LinkDownError):
+    """A 404/400 that is not the main API's answer about the data: the URL or a proxy."""
 
 
 class ReplayerBusyError(Exception):
@@ -64,6 +78,48 @@ def _reason(resp: httpx.Response) -> str:
         msgs.append(f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg')}")
     extra = f" ({'; '.join(msgs)})" if msgs else ""
     return f"HTTP {resp.status_code}: {detail}{extra}"[:2000]
+
+
+def refuses_content(resp: httpx.Response) -> bool:
+    """True if ``resp`` is the main API refusing the data sent (the write is parked).
+
+    409/413/422 always are. A 404 or 400 is only when its body is the API's error document
+    (``detail`` and ``errors``) with a message of its own: for an unknown route the API
+    answers the bare reason phrase (``{"detail": "Not Found", "errors": []}``), a proxy
+    HTML or its own JSON - a wrong ``CCAT_API_MAIN_URL`` or a proxy, not the data.
+    """
+    if resp.status_code not in CONTENT_REFUSALS:
+        return False
+    if resp.status_code not in ROUTING_STATUSES:
+        return True
+    if "json" not in resp.headers.get("content-type", ""):
+        return False
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    if not isinstance(body, dict):
+        return False
+    detail, errors = body.get("detail"), body.get("errors")
+    if not isinstance(detail, str) or not isinstance(errors, list):
+        return False
+    return detail.strip().lower() != HTTPStatus(resp.status_code).phrase.lower()
+
+
+def _link_error(resp: httpx.Response) -> LinkDownError:
+    """The error for an answer that is not a refusal of the data."""
+    if resp.status_code in ROUTING_STATUSES:
+        return _not_the_api(resp)
+    return LinkDownError(_reason(resp))
+
+
+def _not_the_api(resp: httpx.Response) -> LinkConfigError:
+    body = " ".join(resp.text[:200].split())
+    return LinkConfigError(
+        f"HTTP {resp.status_code} from {resp.request.method} {resp.request.url} is not the main "
+        f"API's answer ({body or 'empty body'}): check CCAT_API_MAIN_URL (path prefix) and any "
+        "proxy on the way; nothing parked, retrying"
+    )
 
 
 class Replayer:
@@ -141,7 +197,13 @@ class Replayer:
             done.error = str(exc)
             self.stats["link_errors"] += 1
             self.buffer.record_error(done.error)
-            log.warning("main site unreachable", extra={"error": done.error})
+            if isinstance(exc, LinkConfigError):
+                log.error(
+                    "main site URL or a proxy answers instead of the main API; nothing parked",
+                    extra={"error": done.error},
+                )
+            else:
+                log.warning("main site unreachable", extra={"error": done.error})
         return done
 
     def _send_batch(self, batch: Sequence[BufferedItem], done: ReplayRound) -> None:
@@ -189,8 +251,8 @@ class Replayer:
             self._replayed(files, done)
             log.info("replayed files", extra={"count": len(files), "first_seq": files[0].seq})
             return
-        if resp.status_code not in CONTENT_REFUSALS:
-            raise LinkDownError(_reason(resp))
+        if not refuses_content(resp):
+            raise _link_error(resp)
         log.warning(
             "bulk replay refused; isolating file by file",
             extra={"count": len(files), "status_code": resp.status_code},
@@ -210,10 +272,10 @@ class Replayer:
         done.requests += 1
         if resp.is_success:
             self._replayed([item], done)
-        elif resp.status_code in CONTENT_REFUSALS:
+        elif refuses_content(resp):
             self._park(item, resp, done)
         else:
-            raise LinkDownError(_reason(resp))
+            raise _link_error(resp)
 
     # --- loop ------------------------------------------------------------------------------
 

@@ -33,7 +33,11 @@ from .filing import buffer_files, buffer_finish, buffer_start, with_retry
 ACCEPTED = {
     202: {"description": "Buffered at the observatory; replayed to the main site later"},
     200: {"description": "Already filed (buffered or replicated) with these values"},
-    409: {"model": ErrorBody, "description": "Filed before with other values"},
+    409: {
+        "model": ErrorBody,
+        "description": "Filed before with other values; a path another file holds; or filed "
+        "before as-is but parked (the main site refused it: `errors[0]` has the reason)",
+    },
 }
 
 filing_router = APIRouter()
@@ -71,9 +75,12 @@ async def site_file_one(body: RawDataFileIn, request: Request, who: Filer) -> JS
             [body],
             who.token_id,
         )
-    except ApiError as exc:
-        if len(exc.errors) == 1 and exc.status_code == 409:  # one file: say it plainly
+    except ApiError as exc:  # the main site's shape for one file
+        if len(exc.errors) == 1 and exc.status_code in (409, 422):  # one file: say it plainly
             exc.detail = exc.errors[0]["msg"]
+        for err in exc.errors:  # one file, not a bulk: ["files", 0, f] -> ["body", f]
+            if list(err.get("loc", ())[:2]) == ["files", 0]:
+                err["loc"] = ["body", *err["loc"][2:]]
         raise
     _count(request, "file", new)
     return _ack(body.id, bool(new), "file")
