@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, func, or_, select, true, union_all
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true, union_all
 from sqlalchemy.orm import Session
 
 from ccat_ops_db.enums import CopyType, LocationType, PackageState, PhysicalCopyStatus, Status
@@ -45,6 +45,15 @@ from ccat_ops_db.models import (
 from .state import PARTITION_REASONS
 
 ACTIVE = (Status.PENDING, Status.SCHEDULED, Status.IN_PROGRESS)
+
+
+def staging_job_in_force(now: dt.datetime) -> ColumnElement[bool]:
+    """A staging job whose copies must stay: active (not released) and not expired."""
+    return StagingJob.active.is_(True) & (
+        StagingJob.expires_at.is_(None) | (StagingJob.expires_at > now)
+    )
+
+
 LIVE_COPY = (PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED)
 DELETABLE_STATUS = (
     PhysicalCopyStatus.PRESENT,
@@ -252,8 +261,7 @@ class _Rules:
             .join(StagingJob, StagingJob.id == link.c.staging_job_id)
             .where(
                 link.c.raw_data_package_id.in_(packages),
-                StagingJob.active.is_(True),
-                (StagingJob.expires_at.is_(None)) | (StagingJob.expires_at > self.now),
+                staging_job_in_force(self.now),
             )
         )
         return {(pkg, loc) for pkg, loc in rows}

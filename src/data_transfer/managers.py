@@ -713,9 +713,6 @@ def recovery(
     return report
 
 
-PARTITION_REASONS = state.PARTITION_REASONS
-
-
 def _revive_after_partition(s: Session, settings: TransferSettings, now: dt.datetime) -> int:
     """Transfers FAILED for a network or storage reason get a fresh round of retries once
     ``partition_retry_s`` has passed since their last failure: a cut-off site heals without a
@@ -727,7 +724,7 @@ def _revive_after_partition(s: Session, settings: TransferSettings, now: dt.date
         select(DataTransfer).where(
             DataTransfer.status == Status.FAILED,
             DataTransfer.last_failure_at < before,
-            or_(*(DataTransfer.failure_reason.startswith(r) for r in PARTITION_REASONS)),
+            or_(*(DataTransfer.failure_reason.startswith(r) for r in state.PARTITION_REASONS)),
         )
     ).all()
     for t in failed:
@@ -764,16 +761,10 @@ def fixity(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -
         )
         in_flight = (
             s.scalar(
-                select(func.coalesce(func.sum(PhysicalCopy.size), 0)).where(
-                    PhysicalCopy.id.in_(
-                        at_archive.where(
-                            PhysicalCopy.next_attempt_at > naive_now,
-                            PhysicalCopy.last_failure_at.is_(None),
-                        )
-                        .with_only_columns(PhysicalCopy.id)
-                        .scalar_subquery()
-                    )
-                )
+                at_archive.where(
+                    PhysicalCopy.next_attempt_at > naive_now,
+                    PhysicalCopy.last_failure_at.is_(None),
+                ).with_only_columns(func.coalesce(func.sum(PhysicalCopy.size), 0))
             )
             or 0
         )

@@ -1137,15 +1137,15 @@ def stage(ctx: Context, job_id: int) -> Outcome:
             job = s.get(StagingJob, job_id)
             assert job is not None
             now_there = _staged_copies(s, [d[0] for d in done], dest_id, lock=True)
+            names = {i[0]: i[1] for i in items}
             replaced: list[str] = []
             try:
                 for pid, rel, _size, _checksum in done:
                     there = now_there.get(pid)
-                    name = next(i[1] for i in items if i[0] == pid)
-                    _check_other_form(s, job, pid, name, there, dst)
+                    _check_other_form(s, job, pid, names[pid], there, dst)
                     if (
                         there is not None
-                        and there[0] in _LIVE_FORMS
+                        and there[0] in deletion.LIVE_COPY
                         and there[1] not in (rel, None)
                     ):
                         # the other form, or a folder of the old per-job layout: it goes
@@ -1155,7 +1155,7 @@ def stage(ctx: Context, job_id: int) -> Outcome:
                                 PhysicalCopy.data_location_id == dest_id,
                                 PhysicalCopy.relative_path == there[1],
                                 PhysicalCopy.raw_data_package_id != pid,
-                                PhysicalCopy.status.in_(_LIVE_FORMS),
+                                PhysicalCopy.status.in_(deletion.LIVE_COPY),
                             )
                         )
                         if shared is None:
@@ -1184,20 +1184,20 @@ def stage(ctx: Context, job_id: int) -> Outcome:
                     checksum=checksum,
                     checksum_verified_at=stamp,
                 )
+                if not unpack_it:  # packed (perhaps converted from unpacked): no files there
+                    _file_copies_gone(s, pid, dest_id, exclude=(PhysicalCopyStatus.DELETED,))
+                    continue
                 for fid, frel, _size in files[pid]:
-                    if unpack_it:
-                        _upsert_copy(
-                            s,
-                            RawDataFilePhysicalCopy,
-                            "raw_data_file_id",
-                            fid,
-                            dest_id,
-                            status=PhysicalCopyStatus.STAGED,
-                            relative_path=f"{rel}/{frel}",
-                            checksum_verified_at=stamp,
-                        )
-                    else:  # converted from unpacked: its files are no longer there
-                        _mark_file_copy_deleted(s, fid, dest_id)
+                    _upsert_copy(
+                        s,
+                        RawDataFilePhysicalCopy,
+                        "raw_data_file_id",
+                        fid,
+                        dest_id,
+                        status=PhysicalCopyStatus.STAGED,
+                        relative_path=f"{rel}/{frel}",
+                        checksum_verified_at=stamp,
+                    )
             state.complete(job, "staging_job")
             msg = f"staged {len(done)} packages to {dst.label}/staging/"
             if reused:
@@ -1215,9 +1215,6 @@ def stage(ctx: Context, job_id: int) -> Outcome:
         return commit
 
     return _run(ctx, "staging_job", job_id, body)
-
-
-_LIVE_FORMS = (PhysicalCopyStatus.PRESENT, PhysicalCopyStatus.STAGED)
 
 
 def _form(unpacked: bool) -> PhysicalCopyStatus:
@@ -1243,7 +1240,7 @@ def _check_other_form(
             f"package {name}: its copy at {dst.label} ({rel}) is being deleted; staging "
             "again once that is done"
         )
-    if status not in _LIVE_FORMS or status == _form(job.unpack):
+    if status not in deletion.LIVE_COPY or status == _form(job.unpack):
         return
     link = staging_job_raw_data_package
     others = s.scalars(
@@ -1253,8 +1250,7 @@ def _check_other_form(
             link.c.raw_data_package_id == package_id,
             StagingJob.destination_location_id == job.destination_location_id,
             StagingJob.id != job.id,
-            StagingJob.active.is_(True),
-            (StagingJob.expires_at.is_(None)) | (StagingJob.expires_at > now()),
+            deletion.staging_job_in_force(now()),
         )
     ).all()
     if others:
@@ -1269,25 +1265,13 @@ def _check_other_form(
 
 def _remove_staged(dst: LocationRef, rel: str) -> None:
     """Remove a staged tar or folder that no row describes (best effort, logged)."""
-    target = dst.path(rel)
     try:
-        if target.is_dir():
-            shutil.rmtree(target)
+        if dst.path(rel).is_dir():
+            _remove_tree(dst, rel)
         else:
-            target.unlink(missing_ok=True)
+            dst.path(rel).unlink(missing_ok=True)
     except OSError as exc:
         log.warning("could not remove %s at %s: %s", rel, dst.label, exc)
-
-
-def _mark_file_copy_deleted(s: Session, file_id: Any, location_id: int) -> None:
-    fc = s.scalar(
-        select(RawDataFilePhysicalCopy).where(
-            RawDataFilePhysicalCopy.raw_data_file_id == file_id,
-            RawDataFilePhysicalCopy.data_location_id == location_id,
-        )
-    )
-    if fc is not None and fc.status != PhysicalCopyStatus.DELETED:
-        fc.status, fc.deleted_at = PhysicalCopyStatus.DELETED, now()
 
 
 def _staged_copies(
@@ -1421,22 +1405,39 @@ def _status_when_kept(copy: PhysicalCopy, rel: str | None) -> PhysicalCopyStatus
 def _files_deletion_possible(s: Session, c: PhysicalCopy) -> None:
     """Staged file copies whose package copy was deleted are gone with it."""
     if c.relative_path and c.relative_path.startswith("staging/"):
-        for fc in s.scalars(
-            select(RawDataFilePhysicalCopy)
-            .join(RawDataFile, RawDataFile.id == RawDataFilePhysicalCopy.raw_data_file_id)
-            .where(
-                RawDataFile.raw_data_package_id == c.raw_data_package_id,
-                RawDataFilePhysicalCopy.data_location_id == c.data_location_id,
-                RawDataFilePhysicalCopy.status == PhysicalCopyStatus.STAGED,
-            )
-        ):
-            fc.status = PhysicalCopyStatus.DELETED
-            fc.deleted_at = now()
+        _file_copies_gone(
+            s, c.raw_data_package_id, c.data_location_id, only=PhysicalCopyStatus.STAGED
+        )
+
+
+def _file_copies_gone(
+    s: Session,
+    package_id: int | None,
+    location_id: int,
+    *,
+    only: PhysicalCopyStatus | None = None,
+    exclude: tuple[PhysicalCopyStatus, ...] = (),
+) -> None:
+    """Mark DELETED the copies at ``location_id`` of a package's files (those with status
+    ``only``, or all but ``exclude``): its unpacked files are no longer there."""
+    q = (
+        select(RawDataFilePhysicalCopy)
+        .join(RawDataFile, RawDataFile.id == RawDataFilePhysicalCopy.raw_data_file_id)
+        .where(
+            RawDataFile.raw_data_package_id == package_id,
+            RawDataFilePhysicalCopy.data_location_id == location_id,
+        )
+    )
+    if only is not None:
+        q = q.where(RawDataFilePhysicalCopy.status == only)
+    if exclude:
+        q = q.where(RawDataFilePhysicalCopy.status.not_in(exclude))
+    stamp = now()
+    for fc in s.scalars(q):
+        fc.status, fc.deleted_at = PhysicalCopyStatus.DELETED, stamp
 
 
 def _remove_tree(loc: LocationRef, rel: str) -> None:
-    import shutil
-
     target = loc.path(rel)
     if target.is_dir():
         shutil.rmtree(target)

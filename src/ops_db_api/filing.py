@@ -138,6 +138,15 @@ def _among(db: Session, column: Any, values: list[Any]) -> Any:
     return column.in_(values)
 
 
+def path_conflict(holder: Any, loc: list[Any]) -> dict[str, Any]:
+    """The error item for a new file at a (source location, path) another file holds."""
+    return {
+        "loc": loc,
+        "msg": f"path already filed at this location as file {holder}",
+        "type": "conflict",
+    }
+
+
 def file_rows(
     db: Session, files: list[RawDataFileIn], token_id: int | None
 ) -> tuple[list[dict[str, Any]], list[uuid.UUID]]:
@@ -240,13 +249,7 @@ def file_rows(
             continue
         other = by_path.get((w["source_location_id"], w["relative_path"]))
         if other is not None and other != w["id"]:
-            errors.append(
-                {
-                    "loc": ["files", i, "relative_path"],
-                    "msg": f"path already filed at this location as file {other}",
-                    "type": "conflict",
-                }
-            )
+            errors.append(path_conflict(other, ["files", i, "relative_path"]))
             continue
         if w["id"] in queued:
             continue

@@ -27,6 +27,7 @@ from ..filing import (
     START_FIELDS,
     check_obs_unit_references,
     differing_fields,
+    path_conflict,
     source_location_error,
 )
 from ..schemas.filing import ExecutedObsUnitFinish, ExecutedObsUnitStart, RawDataFileIn
@@ -59,15 +60,6 @@ def _parked(what: str, item: BufferedItem, loc: list[Any]) -> dict[str, Any]:
         "reason": item.park_reason,
         "status_code": item.park_status,
         "seq": item.seq,
-    }
-
-
-def _path_conflict(holder: uuid.UUID, loc: list[Any]) -> dict[str, Any]:
-    """The main API's error for a (source location, path) another file holds."""
-    return {
-        "loc": loc,
-        "msg": f"path already filed at this location as file {holder}",
-        "type": "conflict",
     }
 
 
@@ -180,7 +172,7 @@ def buffer_files(
                 key = (f.source_location_id, f.relative_path)
                 holder = replica_paths.get(key) or buffer_paths.get(key)
                 if holder is not None and holder != f.id:
-                    errors.append(_path_conflict(holder, ["files", i, "relative_path"]))
+                    errors.append(path_conflict(holder, ["files", i, "relative_path"]))
                 else:
                     new.append((f.id, payloads[i]))
                 continue
