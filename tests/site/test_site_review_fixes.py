@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -323,8 +324,80 @@ def test_the_api_404_and_400_park(tmp_path: Path) -> None:
     assert (done.parked, done.error) == (5, None)
     bad = httpx.Response(400, json={"detail": "There was an error parsing the body", "errors": []})
     assert refuses_content(bad)
-    assert refuses_content(httpx.Response(409, html="<html>conflict</html>"))
+    for status in (409, 413, 422):
+        assert refuses_content(httpx.Response(status, json={"detail": "x", "errors": []}))
     assert not refuses_content(httpx.Response(503, json={"detail": "x", "errors": []}))
+
+
+PROXY_REFUSALS = {
+    "proxy HTML 409": httpx.Response(409, html="<html><h1>409 Conflict</h1>nginx</html>"),
+    "proxy HTML 422": httpx.Response(422, html="<html><h1>422</h1></html>"),
+    "proxy HTML 413": httpx.Response(
+        413, html="<html><h1>413 Request Entity Too Large</h1>nginx</html>"
+    ),
+    "proxy JSON 409": httpx.Response(409, json={"message": "conflict"}),
+    "plain 422": httpx.Response(422, text="unprocessable"),
+}
+
+
+@pytest.mark.parametrize("answer", list(PROXY_REFUSALS.values()), ids=list(PROXY_REFUSALS))
+def test_a_proxy_409_413_422_parks_nothing(tmp_path: Path, answer: httpx.Response) -> None:
+    """Only the main API's error document refuses the data: a proxy's page for 409/413/422
+    parked writes the main site never saw (before, they were parked for good)."""
+    assert not refuses_content(answer)
+    rep, buf = _mock_replayer(tmp_path, answer)
+    try:
+        done = rep.drain_once()
+        st = buf.status()
+    finally:
+        rep.close()
+        buf.dispose()
+    assert (done.parked, done.replayed, done.requests) == (0, 0, 1)
+    assert done.error is not None and "not the main API's answer" in done.error
+    assert "CCAT_API_MAIN_URL" in done.error and "proxy" in done.error
+    assert (st.depth, st.parked) == (5, 0)
+
+
+def test_a_proxy_413_on_a_bulk_splits_it(tmp_path: Path) -> None:
+    """A proxy with a small body-size limit: bulks over it are halved until they pass, so
+    every file arrives once and nothing is parked; a file too large even alone waits, with
+    an error that names the proxy's limit, and the files after it wait behind it (order)."""
+    buf = SiteBuffer(f"sqlite:///{tmp_path}/b.sqlite")
+    buf.create_schema()
+    with buf.engine.begin() as conn:
+        buf.insert_new(conn, "file", [(uuid.uuid4(), {"n": i, "pad": "x"}) for i in range(9)], 1)
+    limit = 100  # bytes: about three files per request
+    seen: list[int] = []
+
+    def proxy(req: httpx.Request) -> httpx.Response:
+        if len(req.content) > limit:
+            return httpx.Response(413, html="<html><h1>413 Request Entity Too Large</h1></html>")
+        seen.extend(f["n"] for f in json.loads(req.content)["files"])
+        return httpx.Response(200, json={"filed": 1})
+
+    rep = Replayer(buf, "http://main.invalid", "ccat_x")
+    rep.client.close()
+    rep.client = httpx.Client(base_url="http://main.invalid", transport=httpx.MockTransport(proxy))
+    try:
+        done = rep.drain_once()
+        st = buf.status()
+        assert (done.replayed, done.parked, done.error) == (9, 0, None)
+        assert sorted(seen) == list(range(9)) and seen == sorted(seen)
+        assert (st.depth, st.parked) == (0, 0)
+        assert done.requests > 2  # it was split
+
+        # one file larger than the limit on its own: nothing parked, the error says why
+        with buf.engine.begin() as conn:
+            buf.insert_new(conn, "file", [(uuid.uuid4(), {"n": 100, "pad": "y" * 400})], 1)
+            buf.insert_new(conn, "file", [(uuid.uuid4(), {"n": 101})], 1)
+        done = rep.drain_once()
+        st = buf.status()
+    finally:
+        rep.close()
+        buf.dispose()
+    assert (done.replayed, done.parked) == (0, 0)
+    assert done.error is not None and "body-size limit" in done.error
+    assert (st.depth, st.parked) == (2, 0)
 
 
 def test_link_config_error_is_a_link_error() -> None:

@@ -10,11 +10,14 @@
 * While the main site is unreachable (connection errors, 5xx, 429) or refuses the replayer's
   token (401/403), nothing is parked: the replayer waits with exponential backoff and jitter
   and records the error for ``ccat-api buffer status``.
-* A 404 or 400 refuses the data only when its body is the main API's own error document
-  about it (``{"detail": "executed obs unit … not found", "errors": [...]}``). One that is
-  not - a proxy's HTML page, a bare ``{"detail": "Not Found"}``, or the API's answer for a
-  route it does not have (``CCAT_API_MAIN_URL`` with a wrong path prefix) - is a link or
-  configuration error: nothing is parked, the replayer backs off and says so.
+* A 400/404/409/413/422 refuses the data only when its body is the main API's own error
+  document (``{"detail": "...", "errors": [...]}``); a 404 or 400 also needs a message of its
+  own (``"executed obs unit … not found"``, not the bare reason phrase the API answers for a
+  route it does not have). One that is not - a proxy's HTML page, a bare
+  ``{"detail": "Not Found"}``, ``CCAT_API_MAIN_URL`` with a wrong path prefix - is a link or
+  configuration error: nothing is parked, the replayer backs off and says so. A proxy's 413
+  on a bulk (its body-size limit, not the API's) splits the bulk in halves down to single
+  files; a single file a proxy still refuses waits, with that error, until the proxy is fixed.
 * One replayer at a time: a PostgreSQL advisory lock on the buffer database.
 """
 
@@ -80,35 +83,43 @@ def _reason(resp: httpx.Response) -> str:
     return f"HTTP {resp.status_code}: {detail}{extra}"[:2000]
 
 
-def refuses_content(resp: httpx.Response) -> bool:
-    """True if ``resp`` is the main API refusing the data sent (the write is parked).
-
-    409/413/422 always are. A 404 or 400 is only when its body is the API's error document
-    (``detail`` and ``errors``) with a message of its own: for an unknown route the API
-    answers the bare reason phrase (``{"detail": "Not Found", "errors": []}``), a proxy
-    HTML or its own JSON - a wrong ``CCAT_API_MAIN_URL`` or a proxy, not the data.
-    """
-    if resp.status_code not in CONTENT_REFUSALS:
-        return False
-    if resp.status_code not in ROUTING_STATUSES:
-        return True
+def _api_error_document(resp: httpx.Response) -> dict[str, Any] | None:
+    """The main API's error body (JSON ``{"detail": str, "errors": list}``), or None."""
     if "json" not in resp.headers.get("content-type", ""):
-        return False
+        return None
     try:
         body = resp.json()
     except ValueError:
-        return False
+        return None
     if not isinstance(body, dict):
+        return None
+    if not isinstance(body.get("detail"), str) or not isinstance(body.get("errors"), list):
+        return None
+    return body
+
+
+def refuses_content(resp: httpx.Response) -> bool:
+    """True if ``resp`` is the main API refusing the data sent (the write is parked).
+
+    The status must be one of :data:`CONTENT_REFUSALS` and the body the API's error document
+    (``detail`` and ``errors``): a proxy's HTML 409/413/422, or its own JSON, says nothing
+    about the data. A 404 or 400 also needs a message of its own: for an unknown route the API
+    answers the bare reason phrase (``{"detail": "Not Found", "errors": []}``) - a wrong
+    ``CCAT_API_MAIN_URL``, not the data.
+    """
+    if resp.status_code not in CONTENT_REFUSALS:
         return False
-    detail, errors = body.get("detail"), body.get("errors")
-    if not isinstance(detail, str) or not isinstance(errors, list):
+    body = _api_error_document(resp)
+    if body is None:
         return False
-    return detail.strip().lower() != HTTPStatus(resp.status_code).phrase.lower()
+    if resp.status_code not in ROUTING_STATUSES:
+        return True
+    return str(body["detail"]).strip().lower() != HTTPStatus(resp.status_code).phrase.lower()
 
 
 def _link_error(resp: httpx.Response) -> LinkDownError:
     """The error for an answer that is not a refusal of the data."""
-    if resp.status_code in ROUTING_STATUSES:
+    if resp.status_code in CONTENT_REFUSALS:
         return _not_the_api(resp)
     return LinkDownError(_reason(resp))
 
@@ -118,7 +129,7 @@ def _not_the_api(resp: httpx.Response) -> LinkConfigError:
     return LinkConfigError(
         f"HTTP {resp.status_code} from {resp.request.method} {resp.request.url} is not the main "
         f"API's answer ({body or 'empty body'}): check CCAT_API_MAIN_URL (path prefix) and any "
-        "proxy on the way; nothing parked, retrying"
+        "proxy on the way (for a 413, its request body-size limit); nothing parked, retrying"
     )
 
 
@@ -252,6 +263,17 @@ class Replayer:
             log.info("replayed files", extra={"count": len(files), "first_seq": files[0].seq})
             return
         if not refuses_content(resp):
+            if resp.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE and len(files) > 1:
+                # a proxy's body-size limit (the API's own 413 is a refusal, handled below):
+                # smaller requests get through it; a single file it refuses is a link error
+                half = len(files) // 2
+                log.warning(
+                    "bulk refused with a 413 that is not the main API's; splitting it",
+                    extra={"count": len(files), "first_seq": files[0].seq},
+                )
+                self._send_files(files[:half], done)
+                self._send_files(files[half:], done)
+                return
             raise _link_error(resp)
         log.warning(
             "bulk replay refused; isolating file by file",
