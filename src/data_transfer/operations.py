@@ -151,7 +151,8 @@ def _run(ctx: Context, kind: str, record_id: Any, body: Callable[[], Callable[[S
     ``body`` does the I/O and returns a function that records the result in a session.
     """
     with ctx.session() as session, session.begin():
-        if not state.claim(session, kind, record_id):
+        run = state.claim(session, kind, record_id)
+        if run is None:
             return Outcome(kind, str(record_id), "skipped", "not SCHEDULED (duplicate delivery?)")
     key = task_key(kind, record_id)
     started = now()
@@ -187,6 +188,25 @@ def _run(ctx: Context, kind: str, record_id: Any, body: Callable[[], Callable[[S
                     state.describe_error(exc, path),
                 )
                 return Outcome(kind, str(record_id), "skipped", "completed by another run")
+            if not run.holds(record, kind):
+                # the recovery sweeper took this run for dead and reset the record, which may
+                # be running again elsewhere: that run's state stands; this failure is history
+                log.warning(
+                    "%s %s: taken over by another run (now %s); this run's failure is dropped: %s",
+                    kind,
+                    record_id,
+                    getattr(record, state.KINDS[kind].status).value,
+                    state.describe_error(exc, path),
+                )
+                _add_log(
+                    session,
+                    kind,
+                    record_id,
+                    "warning",
+                    f"a run taken over by another failed late: {state.describe_error(exc)}",
+                    path,
+                )
+                return Outcome(kind, str(record_id), "skipped", "taken over by another run")
             _on_failure(ctx, session, kind, record, exc)
             permanent = state.record_failure(
                 session, record, kind, exc, ctx.settings, log_path=path

@@ -15,7 +15,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ccat_ops_db.enums import Status
@@ -82,20 +82,52 @@ KINDS: dict[str, Kind] = {
 PARTITION_REASONS = ("NetworkError:", "BBCPError:", "StorageError:")
 
 
-def claim(session: Session, kind: str, record_id: Any) -> bool:
-    """SCHEDULED → IN_PROGRESS in one conditional UPDATE; False if someone else has it."""
+@dataclass(frozen=True)
+class Claim:
+    """What identifies one run of a record: the attempt count it claimed at (every reset of
+    a run by someone else - the recovery sweeper, a re-fetch - counts an attempt) and, where
+    the kind has one, the start time it wrote. A run whose record no longer shows both has
+    been taken over, and its late result must not overwrite the new run's state."""
+
+    retry_count: int
+    started_at: dt.datetime | None = None
+
+    def holds(self, record: Any, kind: str) -> bool:
+        """True if ``record`` is still in the run this claim started."""
+        k = KINDS[kind]
+        if (getattr(record, k.retry_count) or 0) != self.retry_count:
+            return False
+        if k.started_at and self.started_at is not None:
+            current = getattr(record, k.started_at)
+            if current is None:
+                return False
+            if current.tzinfo is None:  # SQLite gives naive UTC back
+                current = current.replace(tzinfo=dt.UTC)
+            return current == self.started_at
+        return True
+
+
+def claim(session: Session, kind: str, record_id: Any) -> Claim | None:
+    """SCHEDULED → IN_PROGRESS in one conditional UPDATE; None if someone else has it.
+
+    The :class:`Claim` returned identifies this run (it is read under the row lock the
+    UPDATE took, so no reset can come in between)."""
     k = KINDS[kind]
     col = getattr(k.model, k.status)
     values: dict[str, Any] = {k.status: Status.IN_PROGRESS}
+    started = utcnow()
     if k.started_at:
-        values[k.started_at] = utcnow()
+        values[k.started_at] = started
     result = session.execute(
         update(k.model)
         .where(k.model.id == record_id, col == Status.SCHEDULED)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)
+    if not result.rowcount:
+        return None
+    count = session.scalar(select(getattr(k.model, k.retry_count)).where(k.model.id == record_id))
+    return Claim(int(count or 0), started if k.started_at else None)
 
 
 def schedule(session: Session, kind: str, record_id: Any) -> bool:

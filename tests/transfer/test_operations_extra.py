@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import LocationType, PhysicalCopyStatus, Status
-from data_transfer import deletion, operations
+from data_transfer import deletion, managers, operations, state
 from data_transfer.errors import ConfigurationError, DestinationExistsError
+from data_transfer.heartbeat import MemoryHeartbeats
 from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
 from data_transfer.metrics import PipelineCollector
@@ -392,3 +393,62 @@ def test_fixity_sends_each_copy_once_and_keeps_to_its_byte_budget(stack: Stack) 
             assert copy.failure_reason.startswith("bad copy, no good copy to repair from")
             assert copy.retry_count == 1 and copy.next_attempt_at is not None
     assert run_pass("fixity", wide.engine, wide.settings, d).scheduled == 0  # backing off
+
+
+@pytest.mark.parametrize("new_run", [True, False], ids=["running-again", "reset-only"])
+def test_a_late_failure_does_not_undo_a_record_taken_over(stack: Stack, new_run: bool) -> None:
+    """A worker loses its heartbeat (paused, cut off from Redis) but goes on; the recovery
+    sweeper resets its record, which may already run again elsewhere. When the old run then
+    fails, its failure is logged and dropped: it must not put the new run's IN_PROGRESS back to
+    PENDING (a third run would start beside the second) nor count a second attempt for one
+    stall. Before, it did both."""
+    stack.file_observation(files=2, seed=4)
+    settings = transfer_settings(stack.root).model_copy(update={"stale_after_s": 0.001})
+    ctx = Context(engine=stack.engine, settings=settings)
+    run_pass("raw_data_packages", ctx.engine, ctx.settings, QueueDispatcher())  # not run
+    with Session(stack.engine) as s:
+        pkg_id = s.scalars(select(m.RawDataPackage.id)).one()
+
+    def body():
+        time.sleep(0.05)
+        # the sweeper sees no heartbeat in its store and resets the record (an attempt)
+        report = managers.recovery(ctx.engine, settings, QueueDispatcher(), MemoryHeartbeats())
+        assert report.created == 1, report.notes
+        if new_run:  # scheduled again and claimed by another worker
+            with Session(stack.engine) as s, s.begin():
+                assert state.schedule(s, "raw_data_package", pkg_id)
+                assert state.claim(s, "raw_data_package", pkg_id) is not None
+        raise DestinationExistsError("ccat/buffer:raw_data_packages/x.tar exists")
+
+    outcome = operations._run(ctx, "raw_data_package", pkg_id, body)
+
+    assert (outcome.result, outcome.detail) == ("skipped", "taken over by another run")
+    with Session(stack.engine) as s:
+        pkg = s.get(m.RawDataPackage, pkg_id)
+        assert pkg.status == (Status.IN_PROGRESS if new_run else Status.PENDING)
+        assert pkg.retry_count == 1  # the stall, once
+        assert pkg.failure_reason.startswith("StalledTaskError: no heartbeat"), pkg.failure_reason
+
+
+def test_a_claim_names_its_run(stack: Stack) -> None:
+    """The run identity: attempt count, and the start time where the kind keeps one."""
+    stack.file_observation(files=1, seed=5)
+    ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root))
+    run_pass("raw_data_packages", ctx.engine, ctx.settings, QueueDispatcher())
+    with Session(stack.engine) as s, s.begin():
+        pkg = s.scalars(select(m.RawDataPackage)).one()
+        run = state.claim(s, "raw_data_package", pkg.id)
+        assert run is not None and run.started_at is None
+        assert state.claim(s, "raw_data_package", pkg.id) is None  # a duplicate delivery
+        s.refresh(pkg)
+        assert run.holds(pkg, "raw_data_package")
+        pkg.retry_count += 1  # a reset by someone else
+        assert not run.holds(pkg, "raw_data_package")
+    start = dt.datetime(2026, 12, 1, 3, 0, tzinfo=dt.UTC)
+    claim = state.Claim(retry_count=0, started_at=start)
+    transfer = m.DataTransfer(retry_count=0, started_at=start.replace(tzinfo=None))
+    assert claim.holds(transfer, "data_transfer")  # naive UTC from SQLite
+    transfer.started_at = start + dt.timedelta(seconds=1)  # claimed again since
+    assert not claim.holds(transfer, "data_transfer")
+    transfer.started_at = None
+    assert not claim.holds(transfer, "data_transfer")
