@@ -409,6 +409,83 @@ def test_retry_needs_the_operate_scope(
     assert count(engine, m.ApiAuditLog) == n_audit
 
 
+def test_cancel_gives_a_transfer_up_once(api: ApiServer, engine: Any) -> None:
+    """An operator gives up a transfer to a site that is gone: CANCELLED with the reason, a
+    log line and an audit row; never again (409), and nothing that runs, arrived or is
+    cancelled already can be cancelled. A retry of a cancelled transfer is refused too."""
+    with Session(engine) as s, s.begin():
+        ids = {
+            "failed": add_transfer(
+                s,
+                api,
+                status=Status.FAILED,
+                retry_count=4,
+                failure_reason="NetworkError: no route to host",
+                last_failure_at=NOW,
+                next_attempt_at=NOW + dt.timedelta(hours=1),
+            ).id,
+            "pending": add_transfer(s, api, status=Status.PENDING).id,
+            "scheduled": add_transfer(s, api, status=Status.SCHEDULED).id,
+            "running": add_transfer(s, api, status=Status.IN_PROGRESS).id,
+            "arrived": add_transfer(
+                s, api, status=Status.COMPLETED, unpack_status=Status.FAILED
+            ).id,
+        }
+    reason = {"reason": "the us archive\nis decommissioned"}
+    with api.client("operator") as c:
+        url = f"{V1}/data_transfers/{ids['failed']}/cancel"
+        r = c.post(url, json=reason)
+        assert r.status_code == 200, r.text
+        t = r.json()
+        assert (t["status"], t["unpack_status"]) == ("cancelled", "cancelled")
+        assert t["failure_reason"] == "cancelled by test-operator: the us archive is decommissioned"
+        assert t["next_attempt_at"] is None and t["retry_count"] == 4
+        logs = c.get(f"{V1}/data_transfers/{ids['failed']}/logs").json()["items"]
+        assert logs[-1]["level"] == "warning"
+        assert logs[-1]["message"] == (
+            "transfer cancelled by test-operator: the us archive is decommissioned "
+            "(was failed: NetworkError: no route to host)"
+        )
+        listed = c.get(f"{V1}/data_transfers", params={"status": "cancelled"}).json()["items"]
+        assert ids["failed"] in {x["id"] for x in listed}
+        n_logs = count(engine, m.DataTransferLog)
+        n_audit = count(engine, m.ApiAuditLog, m.ApiAuditLog.resource == "data_transfer")
+        for name, words in {
+            "failed": "it is already cancelled",
+            "scheduled": "a task was submitted for it",
+            "running": "a worker is moving it",
+            "arrived": "its bytes arrived",
+        }.items():
+            r = c.post(f"{V1}/data_transfers/{ids[name]}/cancel", json=reason)
+            assert r.status_code == 409, (name, r.text)
+            assert words in r.json()["detail"], (name, r.json())
+            assert r.json()["errors"][0]["loc"] == ["status"]
+        r = c.post(f"{V1}/data_transfers/{ids['failed']}/retry")
+        assert r.status_code == 409 and "it was cancelled" in r.json()["detail"]
+        assert count(engine, m.DataTransferLog) == n_logs
+        assert count(engine, m.ApiAuditLog, m.ApiAuditLog.resource == "data_transfer") == n_audit
+        # the reason is required, plain text, bounded
+        for bad, loc in (
+            ({}, ["body", "reason"]),
+            ({"reason": ""}, ["body", "reason"]),
+            ({"reason": "x" * 501}, ["body", "reason"]),
+            ({"reason": "a\x00b"}, ["body", "reason"]),
+            ({"reason": "ok", "force": True}, ["body", "force"]),
+        ):
+            r = c.post(f"{V1}/data_transfers/{ids['pending']}/cancel", json=bad)
+            assert r.status_code == 422, (bad, r.text)
+            assert r.json()["errors"][0]["loc"] == loc, (bad, r.json())
+        r = c.post(f"{V1}/data_transfers/{ids['pending']}/cancel", json={"reason": "gone"})
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        r = c.post(f"{V1}/data_transfers/999999999/cancel", json={"reason": "gone"})
+        assert r.status_code == 404
+    # the operate scope
+    for role, code in {None: 401, "reader": 403, "instrument": 403}.items():
+        with api.client(role) as c:
+            r = c.post(f"{V1}/data_transfers/{ids['running']}/cancel", json=reason)
+        assert r.status_code == code, (role, r.text)
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -658,6 +735,7 @@ def test_summary_on_an_empty_pipeline_has_every_status(api: ApiServer) -> None:
         "in_progress",
         "completed",
         "failed",
+        "cancelled",
     }
     assert set(st["archive"]["raw_data_packages_by_state"]) == {
         "waiting",

@@ -199,15 +199,119 @@ def test_0003_accepts_xxh3_and_its_downgrade_refuses_while_it_is_used(db_url: st
     check = r"ck_data_transfer_package_checksum_algorithm|CHECK constraint failed"
     with pytest.raises(IntegrityError, match=check), engine.begin() as conn:
         conn.execute(use, {"a": "xxh3_128"})
-    mig.upgrade(db_url)
+    # At 0003 itself: a downgrade through later revisions first would commit those steps on
+    # SQLite (alembic gives each revision its own transaction where DDL is not transactional).
+    mig.upgrade(db_url, "0003")
     with engine.begin() as conn:
         assert conn.execute(use, {"a": "xxh3_128"}).rowcount >= 1
     with pytest.raises(RuntimeError, match=r"xxh3_128 is used \(data_transfer_package: \d+ rows"):
         mig.downgrade(db_url, "0002")
-    assert mig.current_revision(engine) == mig.head_revision()
+    assert mig.current_revision(engine) == "0003"
     with engine.begin() as conn:
         conn.execute(use, {"a": "sha256"})
     mig.downgrade(db_url, "0002")
     assert mig.current_revision(engine) == "0002"
     with pytest.raises(IntegrityError, match=check), engine.begin() as conn:
         conn.execute(use, {"a": "xxh3_128"})
+
+
+# The operation status columns 0004 added ``cancelled`` to, with their CHECK constraints.
+STATUS_COLUMNS = [
+    ("data_transfer_package", "status"),
+    ("data_transfer", "status"),
+    ("data_transfer", "unpack_status"),
+    ("raw_data_package", "status"),
+    ("long_term_archive_transfer", "status"),
+    ("staging_job", "status"),
+]
+
+
+def test_0004_accepts_cancelled_and_its_downgrade_refuses_while_it_is_used(db_url: str) -> None:
+    """0004 lets every operation status column hold cancelled (the old constraints reject it, and
+    a bogus status stays rejected); going below 0004 while a row is cancelled fails with every
+    such table and column named and changes nothing; once none is left, the downgrade runs and
+    restores the old constraints."""
+    from sqlalchemy.exc import IntegrityError
+
+    engine = make_engine(db_url)
+    mig.upgrade(db_url)
+    with Session(engine) as s, s.begin():
+        populate_every_table(s)
+
+    def use(table: str, column: str, value: str) -> int:
+        with engine.begin() as conn:
+            sql = text(f"UPDATE {table} SET {column} = :s")
+            return conn.execute(sql, {"s": value}).rowcount
+
+    def refused(table: str, column: str, value: str) -> None:
+        check = rf"\bck_{table}_{column}\b"
+        with pytest.raises(IntegrityError, match=check):
+            use(table, column, value)
+
+    mig.downgrade(db_url, "0003")
+    for table, column in STATUS_COLUMNS:
+        refused(table, column, "cancelled")
+    mig.upgrade(db_url)
+    assert mig.current_revision(engine) == "0004"
+    for table, column in STATUS_COLUMNS:
+        assert use(table, column, "cancelled") >= 1, (table, column)
+        refused(table, column, "abandoned")
+
+    # Every cancelled column is named; setting them back one by one shrinks the list.
+    for i, (table, column) in enumerate(STATUS_COLUMNS):
+        with pytest.raises(RuntimeError, match=r"cancelled is used \(") as err:
+            mig.downgrade(db_url, "0003")
+        for t, c in STATUS_COLUMNS[i:]:
+            assert f"{t}.{c}: " in str(err.value), (t, c, str(err.value))
+        for t, c in STATUS_COLUMNS[:i]:
+            assert f"{t}.{c}: " not in str(err.value), (t, c, str(err.value))
+        assert mig.current_revision(engine) == mig.head_revision()
+        use(table, column, "failed")
+
+    mig.downgrade(db_url, "0003")
+    assert mig.current_revision(engine) == "0003"
+    for table, column in STATUS_COLUMNS:
+        refused(table, column, "cancelled")
+        assert use(table, column, "completed") >= 1
+    mig.upgrade(db_url)
+    assert mig.schema_diff(engine) == []
+
+
+@pytest.mark.parametrize(("table", "column"), STATUS_COLUMNS)
+def test_0004_downgrade_names_the_one_cancelled_table(db_url: str, table: str, column: str) -> None:
+    """A single cancelled row in one column is enough to refuse, and the message names its
+    table, column and row count."""
+    engine = make_engine(db_url)
+    mig.upgrade(db_url)
+    with Session(engine) as s, s.begin():
+        populate_every_table(s)
+    with engine.begin() as conn:
+        n = conn.execute(text(f"UPDATE {table} SET {column} = 'cancelled'")).rowcount
+    assert n >= 1
+    with pytest.raises(RuntimeError, match=rf"cancelled is used \({table}\.{column}: {n} rows\)"):
+        mig.downgrade(db_url, "0003")
+    assert mig.current_revision(engine) == "0004"
+
+
+def test_0004_offline_sql_has_the_cancelled_constraints(db_url: str) -> None:
+    """``--sql`` (offline, no database) writes the new constraints for 0004 and the old ones back
+    for its downgrade."""
+    import io
+    import re
+
+    from alembic import command
+
+    sql = mig.upgrade_sql(db_url)
+    step = sql[sql.index("version_num='0003'") : sql.index("version_num='0004'")]
+    for table, column in STATUS_COLUMNS:
+        new = rf"""CONSTRAINT "?ck_{table}_{column}"? CHECK \({column} IN \([^)]*'cancelled'\)\)"""
+        assert re.search(new, step), (table, column, step)
+
+    cfg = mig.alembic_config(db_url)
+    cfg.output_buffer = buf = io.StringIO()
+    command.downgrade(cfg, "0004:0003", sql=True)
+    down = buf.getvalue()
+    assert "cancelled" not in down
+    for table, column in STATUS_COLUMNS:
+        old = rf"""CONSTRAINT "?ck_{table}_{column}"? CHECK \({column} IN \('pending'[^)]*\)\)"""
+        assert re.search(old, down), (table, column, down)

@@ -143,6 +143,32 @@ def test_check_constraint_rejects_unknown_enum_value(session: Session) -> None:
         )
 
 
+def test_every_operation_status_column_stores_cancelled(session: Session) -> None:
+    """Status.CANCELLED (migration 0004) round-trips through every column of the Status enum."""
+    populate_every_table(session)
+    session.commit()
+    columns = [
+        (m.DataTransferPackage, "status"),
+        (m.DataTransfer, "status"),
+        (m.DataTransfer, "unpack_status"),
+        (m.RawDataPackage, "status"),
+        (m.LongTermArchiveTransfer, "status"),
+        (m.StagingJob, "status"),
+    ]
+    for model, column in columns:
+        for obj in session.scalars(select(model)):
+            setattr(obj, column, m.Status.CANCELLED)
+    session.commit()
+    session.expunge_all()
+    for model, column in columns:
+        table = model.__tablename__
+        assert session.execute(text(f"SELECT DISTINCT {column} FROM {table}")).scalars().all() == [
+            "cancelled"
+        ]
+        values = {getattr(obj, column) for obj in session.scalars(select(model))}
+        assert values == {m.Status.CANCELLED}, (table, column)
+
+
 def test_one_copy_of_an_item_per_location(session: Session) -> None:
     objs = populate_every_table(session)
     session.commit()

@@ -50,6 +50,9 @@ class Status(_StrEnum):
     IN_PROGRESS = "in_progress"  # a worker is working on it
     COMPLETED = "completed"
     FAILED = "failed"
+    # An operator gave the record up (used for data transfers whose destination is gone for
+    # good): never scheduled, retried or revived again.
+    CANCELLED = "cancelled"
 
 
 class PackageState(_StrEnum):

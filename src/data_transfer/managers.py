@@ -46,7 +46,7 @@ from ccat_ops_db.models import (
 )
 
 from . import deletion, routing, state
-from .errors import NotStartedError, StalledTaskError
+from .errors import ConfigurationError, NotStartedError, StalledTaskError
 from .heartbeat import Heartbeats, MemoryHeartbeats, task_key
 from .queues import Operation, location_queue
 from .settings import TransferSettings
@@ -300,22 +300,30 @@ def transfer_packages(
         ]
     _schedule_and_submit(engine, dispatcher, "data_transfer_package", items, report)
     with Session(engine) as s, s.begin():
+        # built and not on its way: new, or its way off the site was cancelled (given up)
         built = s.scalars(
             select(DataTransferPackage)
             .where(
                 DataTransferPackage.status == Status.COMPLETED,
-                ~select(DataTransfer.id)
-                .where(
-                    DataTransfer.data_transfer_package_id == DataTransferPackage.id,
-                    DataTransfer.is_secondary.is_(False),
-                )
-                .exists(),
+                ~routing.live_primary(DataTransferPackage.id),
             )
+            .order_by(DataTransferPackage.id)
             .limit(settings.batch_size)
         ).all()
+        stranded: list[str] = []
         for dtp in built:
-            if routing.create_primary_transfer(s, dtp) is not None:
-                report.created += 1
+            try:
+                with s.begin_nested():
+                    if routing.create_primary_transfer(s, dtp) is not None:
+                        report.created += 1
+            except ConfigurationError as exc:
+                if not routing.given_up_sites(s, dtp.id):
+                    raise  # no archive route at all: the topology is wrong, say so loudly
+                stranded.append(f"{dtp.name}: {exc}")
+        if stranded:
+            report.notes.append(f"{len(stranded)} transfer package(s) with nowhere left to go")
+            for line in stranded[:20]:
+                log.error("transfer package given up everywhere: %s", line)
     return report
 
 

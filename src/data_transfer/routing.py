@@ -13,12 +13,18 @@ Decisions (the public docs name the functions, not their rules):
   archive of its own also unpacks and archives what passes through it.
 * Once a package is unpacked at an archive site, *secondary* transfers replicate it from there
   to every other archive site that has not received it, over the active route between them.
+* An operator may cancel a pending or failed transfer (its destination is gone for good). The
+  package is then *given up* for that leg's site and for its route's final site: a cancelled
+  secondary is not made again; a package whose way off its site was cancelled (any leg of
+  the route it took) gets a new primary transfer, round-robin among the other archive sites.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from ccat_ops_db.enums import LocationType, RouteType, Status
 from ccat_ops_db.models import (
@@ -82,12 +88,14 @@ def find_route(
     return routes[0] if routes else None
 
 
-def choose_primary_route(session: Session, origin_site_id: int) -> DataTransferRoute:
-    """Round-robin over the archive sites reachable from ``origin_site_id``."""
+def choose_primary_route(
+    session: Session, origin_site_id: int, exclude: frozenset[int] | set[int] = frozenset()
+) -> DataTransferRoute:
+    """Round-robin over the archive sites reachable from ``origin_site_id`` (but ``exclude``)."""
     candidates: list[tuple[int, str, DataTransferRoute]] = []
-    for site_id in sorted(archive_site_ids(session) - {origin_site_id}):
+    for site_id in sorted(archive_site_ids(session) - {origin_site_id} - set(exclude)):
         route = find_route(session, origin_site_id, site_id)
-        if route is None:
+        if route is None or route.relay_site_id in exclude:
             continue
         sent = session.scalar(
             select(func.count())
@@ -109,9 +117,13 @@ def choose_primary_route(session: Session, origin_site_id: int) -> DataTransferR
         candidates.append((int(sent or 0), site.short_name, route))
     if not candidates:
         origin = session.get(Site, origin_site_id)
+        names = sorted(
+            s.short_name for s in session.scalars(select(Site).where(Site.id.in_(exclude)))
+        )
         raise ConfigurationError(
             f"no active route from site {origin.short_name if origin else origin_site_id} "
             "to any site with a long-term archive"
+            + (f" other than the ones it was given up for ({', '.join(names)})" if names else "")
         )
     candidates.sort(key=lambda c: (c[0], c[1]))
     return candidates[0][2]
@@ -186,20 +198,85 @@ def leg_options(session: Session, transfer: DataTransfer) -> dict:
     return dict(route.options or {})
 
 
-def create_primary_transfer(session: Session, dtp: DataTransferPackage) -> DataTransfer | None:
-    """The one transfer that takes ``dtp`` off its site (None if it already exists)."""
-    existing = session.scalar(
-        select(DataTransfer.id).where(
-            DataTransfer.data_transfer_package_id == dtp.id,
-            DataTransfer.origin_location_id == dtp.origin_location_id,
-            DataTransfer.is_secondary.is_(False),
-        )
+def cancelled_routes(dtp_id: int) -> Any:
+    """SELECT of the routes of ``dtp_id``'s cancelled transfers (an alias of its own, so it
+    does not correlate with a query on transfers around it)."""
+    leg = aliased(DataTransfer)
+    return select(leg.route_id).where(
+        leg.data_transfer_package_id == dtp_id,
+        leg.status == Status.CANCELLED,
+        leg.route_id.is_not(None),
     )
-    if existing is not None:
+
+
+def given_up_sites(session: Session, dtp_id: int) -> set[int]:
+    """Sites ``dtp_id`` was given up for: each cancelled leg's destination site and its
+    route's final site."""
+    out: set[int] = set()
+    for leg_site, route_site in session.execute(
+        select(DataLocation.site_id, DataTransferRoute.destination_site_id)
+        .select_from(DataTransfer)
+        .join(DataLocation, DataLocation.id == DataTransfer.destination_location_id)
+        .outerjoin(DataTransferRoute, DataTransferRoute.id == DataTransfer.route_id)
+        .where(
+            DataTransfer.data_transfer_package_id == dtp_id,
+            DataTransfer.status == Status.CANCELLED,
+        )
+    ):
+        out.add(leg_site)
+        if route_site is not None:
+            out.add(route_site)
+    return out
+
+
+def live_primary(dtp_id_column: Any) -> Any:
+    """EXISTS: a transfer takes the package off its site and is not given up: not cancelled,
+    and either no leg of its route for this package was cancelled, or it has delivered the
+    package to an archive site already (a relay through an archive site whose onward leg was
+    cancelled: the package is at home there, and sending it again would archive it twice)."""
+    here = aliased(DataLocation)
+    lta = aliased(DataLocation)
+    delivered = and_(
+        DataTransfer.status == Status.COMPLETED,
+        DataTransfer.unpack_status == Status.COMPLETED,
+        select(here.id)
+        .where(
+            here.id == DataTransfer.destination_location_id,
+            here.site_id.in_(
+                select(lta.site_id).where(
+                    lta.location_type == LocationType.LONG_TERM_ARCHIVE, lta.active.is_(True)
+                )
+            ),
+        )
+        .exists(),
+    )
+    return (
+        select(DataTransfer.id)
+        .where(
+            DataTransfer.data_transfer_package_id == dtp_id_column,
+            DataTransfer.is_secondary.is_(False),
+            DataTransfer.status != Status.CANCELLED,
+            or_(
+                DataTransfer.route_id.is_(None),
+                DataTransfer.route_id.not_in(cancelled_routes(dtp_id_column)),
+                delivered,
+            ),
+        )
+        .exists()
+    )
+
+
+def create_primary_transfer(session: Session, dtp: DataTransferPackage) -> DataTransfer | None:
+    """The one transfer that takes ``dtp`` off its site (None if a live one exists).
+
+    A package whose way off its site was cancelled (any leg of its route) gets a new one, to
+    an archive site it was not given up for (ConfigurationError naming them if none is left).
+    """
+    if session.scalar(select(live_primary(dtp.id))):
         return None
     origin = session.get(DataLocation, dtp.origin_location_id)
     assert origin is not None
-    route = choose_primary_route(session, origin.site_id)
+    route = choose_primary_route(session, origin.site_id, given_up_sites(session, dtp.id))
     if RouteType(route.route_type) == RouteType.CUSTOM and route.origin_location_id:
         origin = session.get(DataLocation, route.origin_location_id) or origin
     return _new_leg(session, dtp, route, origin, secondary=False)

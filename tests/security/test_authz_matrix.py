@@ -37,6 +37,7 @@ REQUIRED_SCOPE: dict[tuple[str, str], str] = {
     ("PUT", "/api/v1/raw_data_packages/{package_id}/finalize"): "file",
     ("PATCH", "/api/v1/raw_data_packages/{package_id}/state"): "operate",
     ("POST", "/api/v1/data_transfers/{transfer_id}/retry"): "operate",
+    ("POST", "/api/v1/data_transfers/{transfer_id}/cancel"): "operate",
     ("POST", "/api/v1/long_term_archive_transfers/{transfer_id}/retry"): "operate",
     ("POST", "/api/v1/staging_jobs"): "operate",
     ("POST", "/api/v1/staging_jobs/{job_id}/release"): "operate",

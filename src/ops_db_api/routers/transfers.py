@@ -1,7 +1,8 @@
 """Data transfer packages and site-to-site transfers (pipeline stages 2-4).
 
 The transfer managers create and run them; the API reads them, their log lines, and lets an
-operator put a FAILED transfer (or a FAILED unpack) back to PENDING so it is scheduled again.
+operator put a FAILED transfer (or a FAILED unpack) back to PENDING so it is scheduled again,
+or give a transfer up for good (CANCELLED: its destination is gone).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..schemas.archive import LogLineOut
 from ..schemas.common import Page
 from ..schemas.transfers import (
     MAX_PACKAGE_IDS,
+    CancelTransferIn,
     DataTransferOut,
     DataTransferPackageDetail,
     DataTransferPackageOut,
@@ -275,6 +277,7 @@ _NOT_RETRYABLE = {
     Status.SCHEDULED: "it is scheduled (a task was submitted for it)",
     Status.IN_PROGRESS: "it is in progress",
     Status.COMPLETED: "it completed",
+    Status.CANCELLED: "it was cancelled (given up for good)",
 }
 
 
@@ -339,5 +342,65 @@ def retry_transfer(
         )
     )
     audit(db, who, request, 200, "data_transfer", [t.id], detail=f"retry {what}")
+    db.commit()
+    return _transfer_out(_get_transfer(db, transfer_id))
+
+
+_NOT_CANCELLABLE = {
+    Status.SCHEDULED: "a task was submitted for it: cancel it once that task ends or fails",
+    Status.IN_PROGRESS: "a worker is moving it: cancel it once that run ends or fails",
+    Status.COMPLETED: "its bytes arrived (retry its unpack if that failed)",
+    Status.CANCELLED: "it is already cancelled",
+}
+
+
+@router.post(
+    "/data_transfers/{transfer_id}/cancel",
+    response_model=DataTransferOut,
+    summary="Give a transfer up for good (its destination is gone)",
+    responses={
+        **ERROR_RESPONSES,
+        **TRANSFER_NOT_FOUND,
+        409: {"model": ErrorBody, "description": "The transfer is running, arrived or cancelled"},
+    },
+)
+def cancel_transfer(
+    transfer_id: TransferId, body: CancelTransferIn, request: Request, db: DB, who: Operator
+) -> DataTransferOut:
+    """Mark a PENDING or FAILED transfer CANCELLED, with the operator's reason.
+
+    A cancelled transfer is never scheduled, retried or revived again, and it holds no copy:
+    the sending BUFFER may delete its transfer package once nothing else needs it. Nothing is
+    lost by it: a package's SOURCE and BUFFER copies are deleted only once it is archived.
+    For the transfer that takes a package off its site (not a secondary), the transfer
+    packages manager sends the package to another archive site, chosen round-robin among the
+    sites this package was not given up for; a cancelled secondary transfer means the package
+    is not replicated to that site. Anything else answers 409 saying why; there is no undo.
+    """
+    t = db.get(DataTransfer, transfer_id, with_for_update=True)
+    if t is None:
+        raise not_found("data transfer", transfer_id)
+    if t.status not in (Status.PENDING, Status.FAILED):
+        raise conflict(
+            f"data transfer {transfer_id} is {t.status}: only a pending or failed transfer "
+            f"can be cancelled, and {_NOT_CANCELLABLE[t.status]}",
+            [{"loc": ["status"], "msg": f"transfer {t.status}", "type": "conflict"}],
+        )
+    previous = t.failure_reason
+    reason = " ".join(body.reason.split())
+    t.status = Status.CANCELLED
+    t.unpack_status = Status.CANCELLED
+    t.next_attempt_at = None
+    t.failure_reason = f"cancelled by {who.username}: {reason}"[:1990]
+    db.add(
+        DataTransferLog(
+            data_transfer_id=t.id,
+            created_at=dt.datetime.now(dt.UTC),
+            level="warning",
+            message=f"transfer cancelled by {who.username}: {reason} "
+            f"(was {'failed: ' + previous if previous else 'pending'})"[:1000],
+        )
+    )
+    audit(db, who, request, 200, "data_transfer", [t.id], detail=f"cancel: {reason}"[:200])
     db.commit()
     return _transfer_out(_get_transfer(db, transfer_id))

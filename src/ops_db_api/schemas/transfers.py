@@ -9,10 +9,23 @@ from pydantic import BaseModel, Field
 
 from ccat_ops_db.enums import ChecksumAlgorithm, LocationType, Status, TransferMethod
 
+from .filing import Strict
+
 #: Most raw data package ids ``GET /data_transfer_packages/{id}`` lists.
 MAX_PACKAGE_IDS = 1000
 
 # --- data transfer packages ------------------------------------------------------------------
+
+
+class CancelTransferIn(Strict):
+    """Why an operator gives a transfer up (kept in its failure reason and its log)."""
+
+    reason: str = Field(
+        min_length=1,
+        max_length=500,
+        examples=["the Cornell archive is decommissioned"],
+        description="Why the transfer is given up; shown with the transfer from now on.",
+    )
 
 
 class DataTransferPackageOut(BaseModel):
