@@ -428,7 +428,17 @@ def test_cancel_gives_a_transfer_up_once(api: ApiServer, engine: Any) -> None:
             "scheduled": add_transfer(s, api, status=Status.SCHEDULED).id,
             "running": add_transfer(s, api, status=Status.IN_PROGRESS).id,
             "arrived": add_transfer(
-                s, api, status=Status.COMPLETED, unpack_status=Status.FAILED
+                s,
+                api,
+                status=Status.COMPLETED,
+                unpack_status=Status.FAILED,
+                unpack_failure_reason="StorageError: cologne buffer unreachable",
+            ).id,
+            "unpacking": add_transfer(
+                s, api, status=Status.COMPLETED, unpack_status=Status.IN_PROGRESS
+            ).id,
+            "unpacked": add_transfer(
+                s, api, status=Status.COMPLETED, unpack_status=Status.COMPLETED
             ).id,
         }
     reason = {"reason": "the us archive\nis decommissioned"}
@@ -450,11 +460,23 @@ def test_cancel_gives_a_transfer_up_once(api: ApiServer, engine: Any) -> None:
         assert ids["failed"] in {x["id"] for x in listed}
         n_logs = count(engine, m.DataTransferLog)
         n_audit = count(engine, m.ApiAuditLog, m.ApiAuditLog.resource == "data_transfer")
+        # bytes that arrived at a site that went before unpacking them: cancellable too
+        r = c.post(f"{V1}/data_transfers/{ids['arrived']}/cancel", json={"reason": "gone"})
+        assert r.status_code == 200, r.text
+        assert (r.json()["status"], r.json()["unpack_status"]) == ("cancelled", "cancelled")
+        logs = c.get(f"{V1}/data_transfers/{ids['arrived']}/logs").json()["items"]
+        assert logs[-1]["message"] == (
+            "transfer cancelled by test-operator: gone "
+            "(was arrived, unpack failed: StorageError: cologne buffer unreachable)"
+        )
+        n_logs = count(engine, m.DataTransferLog)
+        n_audit = count(engine, m.ApiAuditLog, m.ApiAuditLog.resource == "data_transfer")
         for name, words in {
             "failed": "it is already cancelled",
             "scheduled": "a task was submitted for it",
             "running": "a worker is moving it",
-            "arrived": "its bytes arrived",
+            "unpacking": "its unpack is in_progress: cancel it once that ends",
+            "unpacked": "its bytes arrived and were unpacked",
         }.items():
             r = c.post(f"{V1}/data_transfers/{ids[name]}/cancel", json=reason)
             assert r.status_code == 409, (name, r.text)

@@ -306,6 +306,7 @@ def transfer_packages(
             .where(
                 DataTransferPackage.status == Status.COMPLETED,
                 ~routing.live_primary(DataTransferPackage.id),
+                _due(DataTransferPackage),
             )
             .order_by(DataTransferPackage.id)
             .limit(settings.batch_size)
@@ -320,6 +321,11 @@ def transfer_packages(
                 if not routing.given_up_sites(s, dtp.id):
                     raise  # no archive route at all: the topology is wrong, say so loudly
                 stranded.append(f"{dtp.name}: {exc}")
+                # looked at again after partition_retry_s (a route added, a site back), and
+                # meanwhile out of the way of packages that can go
+                dtp.next_attempt_at = _now() + dt.timedelta(
+                    seconds=max(settings.partition_retry_s, settings.manager_sleep_s, 60.0)
+                )
         if stranded:
             report.notes.append(f"{len(stranded)} transfer package(s) with nowhere left to go")
             for line in stranded[:20]:

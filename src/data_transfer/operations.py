@@ -564,11 +564,13 @@ def transfer(ctx: Context, transfer_id: int) -> Outcome:
         log_path = write_log(ctx, "data_transfer", transfer_id, result.output or "(no output)")
 
         def commit(s: Session) -> str:
-            t = s.get(DataTransfer, transfer_id)
+            t = s.get(DataTransfer, transfer_id, with_for_update=True)
             assert t is not None
-            t.bytes_transferred = result.bytes
-            t.rate_bytes_per_s = result.rate_bytes_per_s
-            state.complete(t, "data_transfer")
+            cancelled = t.status == Status.CANCELLED  # by an operator while this run copied
+            if not cancelled:
+                t.bytes_transferred = result.bytes
+                t.rate_bytes_per_s = result.rate_bytes_per_s
+                state.complete(t, "data_transfer")
             _upsert_copy(
                 s,
                 DataTransferPackagePhysicalCopy,
@@ -583,6 +585,13 @@ def transfer(ctx: Context, transfer_id: int) -> Outcome:
                 f"{result.bytes} bytes {src.label} -> {dst.label} by {method} "
                 f"at {result.rate_bytes_per_s / 1e6:.1f} MB/s"
             )
+            if cancelled:
+                # the copy that arrived is recorded (the database keeps agreeing with the
+                # disk) and deleted with the package's other BUFFER copies; the transfer stays
+                # given up: no COMPLETED, no unpack, no onward leg
+                msg = f"arrived after the transfer was cancelled, kept as a copy: {msg}"
+                _add_log(s, "data_transfer", transfer_id, "warning", msg, log_path)
+                return msg
             _add_log(s, "data_transfer", transfer_id, "info", msg, log_path)
             routing.next_relay_leg(s, t)
             TASK_METRICS.bytes("data_transfer", result.bytes)

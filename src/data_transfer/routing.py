@@ -14,9 +14,12 @@ Decisions (the public docs name the functions, not their rules):
 * Once a package is unpacked at an archive site, *secondary* transfers replicate it from there
   to every other archive site that has not received it, over the active route between them.
 * An operator may cancel a pending or failed transfer (its destination is gone for good). The
-  package is then *given up* for that leg's site and for its route's final site: a cancelled
-  secondary is not made again; a package whose way off its site was cancelled (any leg of
-  the route it took) gets a new primary transfer, round-robin among the other archive sites.
+  package is then *given up* for that leg's destination site: a cancelled secondary is not
+  made again; a package whose way off its site was cancelled (any leg of the route it took)
+  and that no archive site holds yet gets a new primary transfer, round-robin among the
+  archive sites it was not given up for, by routes that do not relay through such a site.
+  Where an earlier leg already brought it to the new route's relay, the new way starts there.
+  A package with nowhere left to go is looked at again after ``partition_retry_s``.
 """
 
 from __future__ import annotations
@@ -202,31 +205,31 @@ def cancelled_routes(dtp_id: int) -> Any:
     """SELECT of the routes of ``dtp_id``'s cancelled transfers (an alias of its own, so it
     does not correlate with a query on transfers around it)."""
     leg = aliased(DataTransfer)
-    return select(leg.route_id).where(
-        leg.data_transfer_package_id == dtp_id,
-        leg.status == Status.CANCELLED,
-        leg.route_id.is_not(None),
+    return (
+        select(leg.route_id)
+        .where(
+            leg.data_transfer_package_id == dtp_id,
+            leg.status == Status.CANCELLED,
+            leg.route_id.is_not(None),
+        )
+        .correlate_except(leg)
     )
 
 
 def given_up_sites(session: Session, dtp_id: int) -> set[int]:
-    """Sites ``dtp_id`` was given up for: each cancelled leg's destination site and its
-    route's final site."""
-    out: set[int] = set()
-    for leg_site, route_site in session.execute(
-        select(DataLocation.site_id, DataTransferRoute.destination_site_id)
-        .select_from(DataTransfer)
-        .join(DataLocation, DataLocation.id == DataTransfer.destination_location_id)
-        .outerjoin(DataTransferRoute, DataTransferRoute.id == DataTransfer.route_id)
-        .where(
-            DataTransfer.data_transfer_package_id == dtp_id,
-            DataTransfer.status == Status.CANCELLED,
+    """Sites ``dtp_id`` was given up for: the destination site of each cancelled leg. (Not
+    its route's final site: cancelling the leg to a relay gives up the relay, and the final
+    site stays reachable by another route.)"""
+    return set(
+        session.scalars(
+            select(DataLocation.site_id)
+            .join(DataTransfer, DataTransfer.destination_location_id == DataLocation.id)
+            .where(
+                DataTransfer.data_transfer_package_id == dtp_id,
+                DataTransfer.status == Status.CANCELLED,
+            )
         )
-    ):
-        out.add(leg_site)
-        if route_site is not None:
-            out.add(route_site)
-    return out
+    )
 
 
 def live_primary(dtp_id_column: Any) -> Any:
@@ -237,8 +240,7 @@ def live_primary(dtp_id_column: Any) -> Any:
     here = aliased(DataLocation)
     lta = aliased(DataLocation)
     delivered = and_(
-        DataTransfer.status == Status.COMPLETED,
-        DataTransfer.unpack_status == Status.COMPLETED,
+        DataTransfer.status == Status.COMPLETED,  # its unpack there is that site's to finish
         select(here.id)
         .where(
             here.id == DataTransfer.destination_location_id,
@@ -276,10 +278,33 @@ def create_primary_transfer(session: Session, dtp: DataTransferPackage) -> DataT
         return None
     origin = session.get(DataLocation, dtp.origin_location_id)
     assert origin is not None
-    route = choose_primary_route(session, origin.site_id, given_up_sites(session, dtp.id))
+    given_up = given_up_sites(session, dtp.id)
+    route = choose_primary_route(session, origin.site_id, given_up)
     if RouteType(route.route_type) == RouteType.CUSTOM and route.origin_location_id:
         origin = session.get(DataLocation, route.origin_location_id) or origin
-    return _new_leg(session, dtp, route, origin, secondary=False)
+    if given_up:
+        # re-routed: where an earlier leg already delivered the package to this route's relay
+        # (one transfer per package and destination), the new way starts from that relay
+        first = _hop_target(session, route, origin.site_id)
+        if first != route.destination_site_id:
+            relay = primary_buffer(session, first)
+            if session.scalar(
+                select(DataTransfer.id).where(
+                    DataTransfer.data_transfer_package_id == dtp.id,
+                    DataTransfer.destination_location_id == relay.id,
+                    DataTransfer.status == Status.COMPLETED,
+                )
+            ):
+                origin = relay
+    leg = _new_leg(session, dtp, route, origin, secondary=False)
+    if leg is None and given_up:
+        here = session.get(Site, origin.site_id)
+        raise ConfigurationError(
+            f"re-routing it by route {route.name} needs a transfer from "
+            f"{here.short_name if here else origin.site_id}/{origin.name} to a buffer it was "
+            "sent to before (one transfer per package and destination)"
+        )
+    return leg
 
 
 def next_relay_leg(session: Session, t: DataTransfer) -> DataTransfer | None:

@@ -15,7 +15,9 @@ import hashlib
 import io
 import logging
 import tarfile
+import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,9 +25,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
-from ccat_ops_db.enums import PackageState, PhysicalCopyStatus, RouteType, Status
-from data_transfer import routing
+from ccat_ops_db.enums import (
+    LocationType,
+    PackageState,
+    PhysicalCopyStatus,
+    RouteType,
+    Status,
+    StorageType,
+)
+from data_transfer import operations, routing, state
+from data_transfer.errors import StalledTaskError
 from data_transfer.managers import run_pass
+from data_transfer.movers import mover_for
 from data_transfer.operations import Context
 from tests.api_server import running_api
 from tests.transfer.stack import Stack, live_upstream_copies, passes, transfer_settings
@@ -253,3 +264,230 @@ def test_a_relay_whose_onward_leg_is_cancelled_stays_archived_at_the_relay(
         ).all()
         assert archived == [Status.COMPLETED] * len(pkgs)  # once, in Cologne
         assert live_upstream_copies(s) == 0
+
+
+# --- re-routing corner cases -------------------------------------------------------------------
+
+
+def _route(s: Session, name: str) -> m.DataTransferRoute:
+    return s.scalar(select(m.DataTransferRoute).where(m.DataTransferRoute.name == name))
+
+
+def _cancel(stack: Stack, tid: int) -> None:
+    with Session(stack.engine) as s, s.begin():  # what POST .../cancel writes
+        t = s.get(m.DataTransfer, tid)
+        assert t.status in (Status.PENDING, Status.FAILED)
+        t.status = t.unpack_status = Status.CANCELLED
+        t.failure_reason = "cancelled by test: gone"
+
+
+def _package_legs(stack: Stack) -> list[tuple[int, int, str, str]]:
+    """(transfer id, transfer package id, destination site, status), by id."""
+    with Session(stack.engine) as s:
+        rows = s.execute(
+            select(
+                m.DataTransfer.id,
+                m.DataTransfer.data_transfer_package_id,
+                m.Site.short_name,
+                m.DataTransfer.status,
+            )
+            .join(m.DataLocation, m.DataLocation.id == m.DataTransfer.destination_location_id)
+            .join(m.Site, m.Site.id == m.DataLocation.site_id)
+            .order_by(m.DataTransfer.id)
+        ).all()
+    return [(i, d, site, str(st)) for i, d, site, st in rows]
+
+
+def _built(stack: Stack, ctx: Context, n: int) -> None:
+    """Package until ``n`` transfer packages are built and have their first leg."""
+    for _ in range(6):
+        passes(ctx, "raw_data_packages", "transfer_packages")
+        with Session(stack.engine) as s:
+            done = s.scalars(
+                select(m.DataTransferPackage.id).where(
+                    m.DataTransferPackage.status == Status.COMPLETED
+                )
+            ).all()
+        if len(done) >= n:
+            passes(ctx, "transfer_packages")
+            return
+    raise AssertionError(f"{n} transfer packages not built")
+
+
+def test_one_cancel_does_not_unroute_other_packages_on_its_route(stack: Stack) -> None:
+    """The manager's query and the per-package check agree: a cancelled leg of one package
+    says nothing about another package on the same route. (Before, the subquery was not tied
+    to the package: every package on the route looked unrouted, filled the batch, and a
+    cancelled package behind them was never sent elsewhere.)"""
+    ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root, batch_size=1))
+    with Session(stack.engine) as s, s.begin():
+        _route(s, "ccat_to_us").active = False
+    for seed in (51, 52):
+        stack.file_observation(files=2, seed=seed)
+        _built(stack, ctx, 1 if seed == 51 else 2)
+    legs = _package_legs(stack)
+    assert [(site, st) for _, _, site, st in legs] == [("cologne", "pending")] * 2, legs
+    _cancel(stack, legs[1][0])
+    with Session(stack.engine) as s:
+        unrouted = s.scalars(
+            select(m.DataTransferPackage.id).where(~routing.live_primary(m.DataTransferPackage.id))
+        ).all()
+        assert unrouted == [legs[1][1]]
+    with Session(stack.engine) as s, s.begin():  # Cornell reachable directly
+        r = _route(s, "ccat_to_us")
+        r.active, r.route_type, r.relay_site_id = True, RouteType.DIRECT, None
+    passes(ctx, "transfer_packages")
+    assert [(d, site, st) for _, d, site, st in _package_legs(stack)][2:] == [
+        (legs[1][1], "us", "pending")
+    ]
+
+
+def test_cancelling_the_leg_to_a_relay_gives_up_the_relay_only(stack: Stack) -> None:
+    """Cologne is decommissioned while a package waits on the first leg of the relay route to
+    Cornell. That leg is cancelled; Cologne's package count is waiting for an operator's
+    route. Once the operator makes Cornell reachable directly, the package goes there (and a
+    package with nowhere to go meanwhile does not hold up a newer one)."""
+    ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root, batch_size=1))
+    with Session(stack.engine) as s, s.begin():
+        _route(s, "ccat_to_cologne").active = False  # the package goes the relay way
+    stack.file_observation(files=2, seed=31)
+    _built(stack, ctx, 1)
+    (first,) = _package_legs(stack)
+    assert first[2:] == ("cologne", "pending"), first
+    _cancel(stack, first[0])
+    report = run_pass("transfer_packages", ctx.engine, ctx.settings, _NoDispatch())
+    assert "1 transfer package(s) with nowhere left to go" in report.notes, report.notes
+    # a newer package, which can go (Cornell direct from now on), is not held up behind it
+    with Session(stack.engine) as s, s.begin():
+        r = _route(s, "ccat_to_us")
+        r.route_type, r.relay_site_id = RouteType.DIRECT, None
+        for loc in s.scalars(
+            select(m.DataLocation).join(m.Site).where(m.Site.short_name == "cologne")
+        ):
+            loc.active = False
+    stack.file_observation(files=2, seed=32)
+    _built(stack, ctx, 2)
+    legs = _package_legs(stack)
+    assert [(d, site) for _, d, site, _ in legs[1:]] == [(legs[1][1], "us")], legs
+    assert legs[1][1] != first[1]
+    # the stranded one is looked at again after partition_retry_s, and goes to Cornell
+    with Session(stack.engine) as s, s.begin():
+        s.get(m.DataTransferPackage, first[1]).next_attempt_at = None
+    passes(ctx, "transfer_packages")
+    assert [(d, site, st) for _, d, site, st in _package_legs(stack)][2:] == [
+        (first[1], "us", "pending")
+    ]
+
+
+def test_a_reroute_through_the_same_relay_starts_at_the_relay(stack: Stack) -> None:
+    """Telescope -> a relay site without an archive -> Cologne or Cornell. The package has
+    reached the relay; its onward leg to Cologne is cancelled. The new way to Cornell starts
+    at the relay (a second transfer telescope -> relay is not allowed: one per package and
+    destination, and it would send the bytes over the long link again)."""
+    ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root))
+    with Session(stack.engine) as s, s.begin():
+        relay = m.Site(name="Relay", short_name="relay")
+        s.add(relay)
+        s.flush()
+        root = stack.root / "relay" / "buffer"
+        root.mkdir(parents=True)
+        s.add(
+            m.DiskDataLocation(
+                site_id=relay.id,
+                name="buffer",
+                location_type=LocationType.BUFFER,
+                storage_type=StorageType.DISK,
+                root_path=str(root),
+            )
+        )
+        for name in ("ccat_to_cologne", "ccat_to_us"):
+            r = _route(s, name)
+            r.route_type, r.relay_site_id = RouteType.RELAY, relay.id
+        for short in ("cologne", "us"):
+            dst = s.scalar(select(m.Site).where(m.Site.short_name == short))
+            s.add(
+                m.DataTransferRoute(
+                    name=f"relay_to_{short}",
+                    origin_site_id=relay.id,
+                    destination_site_id=dst.id,
+                    route_type=RouteType.DIRECT,
+                    method=_route(s, "ccat_to_cologne").method,
+                )
+            )
+    stack.file_observation(files=2, seed=33)
+    _built(stack, ctx, 1)
+    passes(ctx, "transfers")  # ccat -> relay; it makes relay -> cologne
+    legs = _package_legs(stack)
+    assert [(site, st) for _, _, site, st in legs] == [
+        ("relay", "completed"),
+        ("cologne", "pending"),
+    ], legs
+    _cancel(stack, legs[1][0])
+    for _ in range(8):
+        passes(ctx, *ALL)
+    after = _package_legs(stack)
+    assert [(site, st) for _, _, site, st in after] == [
+        ("relay", "completed"),
+        ("cologne", "cancelled"),
+        ("us", "completed"),
+    ], after
+    with Session(stack.engine) as s:
+        t = s.get(m.DataTransfer, after[2][0])
+        assert t.origin_location.site.short_name == "relay"
+        assert {p.state for p in s.scalars(select(m.RawDataPackage))} == {PackageState.ARCHIVED}
+        assert live_upstream_copies(s) == 0
+
+
+def test_a_late_success_does_not_undo_a_cancel(stack: Stack) -> None:
+    """A run is still copying when the sweeper takes it for dead and an operator cancels the
+    transfer; then the copy finishes. The transfer stays CANCELLED (no unpack, no onward
+    leg) and the copy that arrived is recorded, to be deleted with the package's other
+    BUFFER copies. (Before, the late success set COMPLETED and cleared the reason.)"""
+    settings = transfer_settings(stack.root)
+    go, copying = threading.Event(), threading.Event()
+
+    class SlowMover:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def copy(self, *a: Any, **kw: Any) -> Any:
+            copying.set()
+            assert go.wait(30)
+            return self.inner.copy(*a, **kw)
+
+    ctx = Context(
+        engine=stack.engine,
+        settings=settings,
+        mover_factory=lambda *a, **kw: SlowMover(mover_for(*a, **kw)),
+    )
+    plain = Context(engine=stack.engine, settings=settings)
+    stack.file_observation(files=2, seed=41)
+    _built(stack, plain, 1)
+    with Session(stack.engine) as s, s.begin():
+        tid = s.scalars(select(m.DataTransfer.id)).one()
+        assert state.schedule(s, "data_transfer", tid)
+    out: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: out.setdefault("o", operations.transfer(ctx, tid)))
+    th.start()
+    assert copying.wait(30)
+    with Session(stack.engine) as s, s.begin():  # the recovery sweeper: no heartbeat
+        t = s.get(m.DataTransfer, tid)
+        state.record_failure(s, t, "data_transfer", StalledTaskError("no heartbeat"), settings)
+    _cancel(stack, tid)
+    go.set()
+    th.join(60)
+    assert out["o"].detail.startswith("arrived after the transfer was cancelled"), out
+    with Session(stack.engine) as s:
+        t = s.get(m.DataTransfer, tid)
+        assert (t.status, t.unpack_status) == (Status.CANCELLED, Status.CANCELLED)
+        assert t.failure_reason == "cancelled by test: gone"
+        copy = s.scalar(
+            select(m.DataTransferPackagePhysicalCopy).where(
+                m.DataTransferPackagePhysicalCopy.data_location_id == t.destination_location_id
+            )
+        )
+        assert copy is not None and copy.status == PhysicalCopyStatus.PRESENT
+        assert s.scalars(select(m.DataTransfer.id)).all() == [tid]  # no onward leg

@@ -349,7 +349,7 @@ def retry_transfer(
 _NOT_CANCELLABLE = {
     Status.SCHEDULED: "a task was submitted for it: cancel it once that task ends or fails",
     Status.IN_PROGRESS: "a worker is moving it: cancel it once that run ends or fails",
-    Status.COMPLETED: "its bytes arrived (retry its unpack if that failed)",
+    Status.COMPLETED: "its bytes arrived and were unpacked",
     Status.CANCELLED: "it is already cancelled",
 }
 
@@ -367,7 +367,8 @@ _NOT_CANCELLABLE = {
 def cancel_transfer(
     transfer_id: TransferId, body: CancelTransferIn, request: Request, db: DB, who: Operator
 ) -> DataTransferOut:
-    """Mark a PENDING or FAILED transfer CANCELLED, with the operator's reason.
+    """Mark a PENDING or FAILED transfer CANCELLED, with the operator's reason; also one whose
+    bytes arrived but whose unpack is PENDING or FAILED (the site went before unpacking).
 
     A cancelled transfer is never scheduled, retried or revived again, and it holds no copy:
     the sending BUFFER may delete its transfer package once nothing else needs it. Nothing is
@@ -380,13 +381,25 @@ def cancel_transfer(
     t = db.get(DataTransfer, transfer_id, with_for_update=True)
     if t is None:
         raise not_found("data transfer", transfer_id)
-    if t.status not in (Status.PENDING, Status.FAILED):
+    arrived = t.status == Status.COMPLETED and t.unpack_status in (Status.PENDING, Status.FAILED)
+    if t.status not in (Status.PENDING, Status.FAILED) and not arrived:
+        if t.status == Status.COMPLETED and t.unpack_status != Status.COMPLETED:
+            why = f"its bytes arrived and its unpack is {t.unpack_status}: cancel it once that ends"
+        else:
+            why = _NOT_CANCELLABLE[t.status]
         raise conflict(
-            f"data transfer {transfer_id} is {t.status}: only a pending or failed transfer "
-            f"can be cancelled, and {_NOT_CANCELLABLE[t.status]}",
-            [{"loc": ["status"], "msg": f"transfer {t.status}", "type": "conflict"}],
+            f"data transfer {transfer_id} is {t.status} (unpack {t.unpack_status}): only a "
+            f"pending or failed transfer, or one whose unpack is pending or failed, can be "
+            f"cancelled, and {why}",
+            [
+                {
+                    "loc": ["status"],
+                    "msg": f"transfer {t.status}, unpack {t.unpack_status}",
+                    "type": "conflict",
+                }
+            ],
         )
-    previous = t.failure_reason
+    previous = t.unpack_failure_reason if arrived else t.failure_reason
     reason = " ".join(body.reason.split())
     t.status = Status.CANCELLED
     t.unpack_status = Status.CANCELLED
@@ -398,7 +411,8 @@ def cancel_transfer(
             created_at=dt.datetime.now(dt.UTC),
             level="warning",
             message=f"transfer cancelled by {who.username}: {reason} "
-            f"(was {'failed: ' + previous if previous else 'pending'})"[:1000],
+            f"(was {'arrived, unpack ' if arrived else ''}"
+            f"{'failed: ' + previous if previous else 'pending'})"[:1000],
         )
     )
     audit(db, who, request, 200, "data_transfer", [t.id], detail=f"cancel: {reason}"[:200])
