@@ -251,7 +251,9 @@ def test_0004_accepts_cancelled_and_its_downgrade_refuses_while_it_is_used(db_ur
     mig.downgrade(db_url, "0003")
     for table, column in STATUS_COLUMNS:
         refused(table, column, "cancelled")
-    mig.upgrade(db_url)
+    # At 0004 itself (see the 0003 test: a refused downgrade through a later revision would
+    # leave that step committed on SQLite and rolled back on PostgreSQL).
+    mig.upgrade(db_url, "0004")
     assert mig.current_revision(engine) == "0004"
     for table, column in STATUS_COLUMNS:
         assert use(table, column, "cancelled") >= 1, (table, column)
@@ -265,7 +267,7 @@ def test_0004_accepts_cancelled_and_its_downgrade_refuses_while_it_is_used(db_ur
             assert f"{t}.{c}: " in str(err.value), (t, c, str(err.value))
         for t, c in STATUS_COLUMNS[:i]:
             assert f"{t}.{c}: " not in str(err.value), (t, c, str(err.value))
-        assert mig.current_revision(engine) == mig.head_revision()
+        assert mig.current_revision(engine) == "0004"
         use(table, column, "failed")
 
     mig.downgrade(db_url, "0003")
@@ -285,6 +287,7 @@ def test_0004_downgrade_names_the_one_cancelled_table(db_url: str, table: str, c
     mig.upgrade(db_url)
     with Session(engine) as s, s.begin():
         populate_every_table(s)
+    mig.downgrade(db_url, "0004")  # at 0004 itself, as above
     with engine.begin() as conn:
         n = conn.execute(text(f"UPDATE {table} SET {column} = 'cancelled'")).rowcount
     assert n >= 1
@@ -315,3 +318,164 @@ def test_0004_offline_sql_has_the_cancelled_constraints(db_url: str) -> None:
     for table, column in STATUS_COLUMNS:
         old = rf"""CONSTRAINT "?ck_{table}_{column}"? CHECK \({column} IN \('pending'[^)]*\)\)"""
         assert re.search(old, down), (table, column, down)
+
+
+# The claim counters 0005 added, one per operation (the data transfer has two: transfer, unpack).
+CLAIM_COLUMNS = [
+    ("raw_data_package", "claim_count"),
+    ("data_transfer_package", "claim_count"),
+    ("data_transfer", "claim_count"),
+    ("data_transfer", "unpack_claim_count"),
+    ("long_term_archive_transfer", "claim_count"),
+    ("staging_job", "claim_count"),
+]
+
+
+def _plain(value: Any) -> Any:
+    """Reflection results as comparable plain values (SQL text clauses become their text)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def schema_of(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Every table as the database describes it: columns (in order, with types, nullability and
+    defaults), keys, indexes, unique and CHECK constraints."""
+    insp = inspect(engine)
+    out = {}
+    for table in sorted(insp.get_table_names()):
+        if table == "alembic_version":
+            continue
+        by_name = lambda items: sorted(_plain(items), key=repr)  # noqa: E731
+        out[table] = {
+            "columns": _plain(insp.get_columns(table)),
+            "pk": _plain(insp.get_pk_constraint(table)),
+            "fks": by_name(insp.get_foreign_keys(table)),
+            "indexes": by_name(insp.get_indexes(table)),
+            "unique": by_name(insp.get_unique_constraints(table)),
+            "checks": by_name(insp.get_check_constraints(table)),
+        }
+    return out
+
+
+def snapshot_without_claims(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """:func:`snapshot` without the 0005 claim counters (readable at 0004 too)."""
+    claims = set(CLAIM_COLUMNS)
+    result = {}
+    with engine.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            cols = [c for c in table.c if (table.name, c.name) not in claims]
+            rows = conn.execute(select(*cols)).all()
+            result[table.name] = sorted((tuple(r) for r in rows), key=repr)
+    return result
+
+
+def claim_columns_present(engine: Engine) -> set[tuple[str, str]]:
+    insp = inspect(engine)
+    tables = {table for table, _ in CLAIM_COLUMNS}
+    present = {(t, c["name"]) for t in tables for c in insp.get_columns(t)}
+    return present & set(CLAIM_COLUMNS)
+
+
+def test_0005_upgrade_keeps_existing_rows_and_gives_them_claim_count_0(db_url: str) -> None:
+    """Rows that exist at 0004 survive the upgrade to 0005 unchanged and get 0 in every new
+    counter (NOT NULL, server default '0', INTEGER, as the models declare)."""
+    engine = make_engine(db_url)
+    mig.upgrade(db_url)
+    with Session(engine) as s, s.begin():
+        populate_every_table(s)
+    first = snapshot(engine)
+    with engine.begin() as conn:
+        for table, column in CLAIM_COLUMNS:
+            assert conn.execute(text(f"UPDATE {table} SET {column} = 7")).rowcount >= 1
+    # Down to 0004 with the rows in place: those are the existing rows the upgrade meets.
+    mig.downgrade(db_url, "0004")
+    assert mig.current_revision(engine) == "0004"
+    assert claim_columns_present(engine) == set()
+    without = snapshot_without_claims(engine)
+
+    mig.upgrade(db_url, "0005")
+    assert mig.current_revision(engine) == "0005"
+    assert snapshot_without_claims(engine) == without
+    assert snapshot(engine) == first, "an existing row changed, or a counter is not 0"
+    insp = inspect(engine)
+    with engine.connect() as conn:
+        for table, column in CLAIM_COLUMNS:
+            values = conn.execute(text(f"SELECT {column} FROM {table}")).scalars().all()
+            assert values and set(values) == {0}, (table, column, values)
+            (col,) = (c for c in insp.get_columns(table) if c["name"] == column)
+            assert not col["nullable"], (table, column)
+            assert str(col["type"]).upper() == "INTEGER", (table, column, col["type"])
+            assert str(col["default"]).strip("'") == "0", (table, column, col["default"])
+            model = Base.metadata.tables[table].c[column]
+            assert not model.nullable and model.server_default.arg == "0", (table, column)
+    assert mig.schema_diff(engine) == []
+
+
+def test_0005_downgrade_drops_the_counters_and_restores_the_0004_schema(db_url: str) -> None:
+    """Going below 0005 drops the six counters and nothing else: the schema is the one 0004
+    builds (columns, types, defaults, keys, indexes, constraints) and every row keeps every
+    other value."""
+    engine = make_engine(db_url)
+    mig.upgrade(db_url, "0004")
+    at_0004 = schema_of(engine)
+    mig.upgrade(db_url)
+    assert claim_columns_present(engine) == set(CLAIM_COLUMNS)
+    with Session(engine) as s, s.begin():
+        populate_every_table(s)
+    before = snapshot_without_claims(engine)
+
+    mig.downgrade(db_url, "0004")
+    assert mig.current_revision(engine) == "0004"
+    assert claim_columns_present(engine) == set()
+    assert schema_of(engine) == at_0004
+    assert snapshot_without_claims(engine) == before
+
+    mig.upgrade(db_url)
+    assert mig.schema_diff(engine) == []
+
+
+def test_0005_offline_sql_adds_and_drops_the_counters(db_url: str, tmp_path: Any) -> None:
+    """``--sql`` (offline, no database) writes an ADD COLUMN for each counter; the SQL it writes
+    for the downgrade, run on a database at 0005, leaves exactly the 0004 schema."""
+    import io
+    import re
+
+    from alembic import command
+
+    sql = mig.upgrade_sql(db_url)
+    step = sql[sql.index("version_num='0004'") : sql.index("version_num='0005'")]
+    for table, column in CLAIM_COLUMNS:
+        add = rf"""ALTER TABLE "?{table}"? ADD COLUMN "?{column}"? INTEGER DEFAULT '0' NOT NULL;"""
+        assert re.search(add, step), (table, column, step)
+
+    cfg = mig.alembic_config(db_url)
+    cfg.output_buffer = buf = io.StringIO()
+    command.downgrade(cfg, "0005:0004", sql=True)
+    down = buf.getvalue()
+
+    engine = make_engine(db_url)
+    mig.upgrade(db_url, "0004")
+    at_0004 = schema_of(engine)
+    mig.upgrade(db_url)
+    statements = [
+        "\n".join(line for line in part.splitlines() if not line.startswith("--")).strip()
+        for part in down.split(";\n")
+    ]
+    statements = [st for st in statements if st and st not in ("BEGIN", "COMMIT")]
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            # As env.py does: a table copy drops tables other tables' foreign keys point to.
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        with conn.begin():
+            for st in statements:
+                conn.exec_driver_sql(st)
+    engine.dispose()
+    assert mig.current_revision(engine) == "0004"
+    assert claim_columns_present(engine) == set()
+    assert schema_of(engine) == at_0004

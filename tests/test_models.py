@@ -169,6 +169,28 @@ def test_every_operation_status_column_stores_cancelled(session: Session) -> Non
         assert values == {m.Status.CANCELLED}, (table, column)
 
 
+def test_new_operation_records_start_with_claim_count_0(session: Session) -> None:
+    """Every operation record (migration 0005) starts unclaimed: claim_count 0, and the transfer's
+    unpack_claim_count 0, in the object after a flush and in the database."""
+    populate_every_table(session)
+    session.flush()
+    columns = [
+        (m.RawDataPackage, "claim_count"),
+        (m.DataTransferPackage, "claim_count"),
+        (m.DataTransfer, "claim_count"),
+        (m.DataTransfer, "unpack_claim_count"),
+        (m.LongTermArchiveTransfer, "claim_count"),
+        (m.StagingJob, "claim_count"),
+    ]
+    for model, column in columns:
+        objs = session.scalars(select(model)).all()
+        assert objs, model
+        assert {getattr(obj, column) for obj in objs} == {0}, (model, column)
+        table = model.__tablename__
+        stored = session.execute(text(f"SELECT DISTINCT {column} FROM {table}")).scalars().all()
+        assert stored == [0], (table, column)
+
+
 def test_one_copy_of_an_item_per_location(session: Session) -> None:
     objs = populate_every_table(session)
     session.commit()

@@ -49,6 +49,7 @@ class Kind:
     next_attempt_at: str | None = "next_attempt_at"
     started_at: str | None = None
     finished_at: str | None = None
+    claim_count: str = "claim_count"
 
 
 KINDS: dict[str, Kind] = {
@@ -65,6 +66,7 @@ KINDS: dict[str, Kind] = {
             failure_reason="unpack_failure_reason",
             next_attempt_at=None,
             finished_at="unpacked_at",
+            claim_count="unpack_claim_count",
         ),
         Kind(
             "long_term_archive_transfer",
@@ -84,40 +86,32 @@ PARTITION_REASONS = ("NetworkError:", "BBCPError:", "StorageError:")
 
 @dataclass(frozen=True)
 class Claim:
-    """What identifies one run of a record: the attempt count it claimed at (every reset of
-    a run by someone else - the recovery sweeper, a re-fetch - counts an attempt) and, where
-    the kind has one, the start time it wrote. A run whose record no longer shows both has
-    been taken over, and its late result must not overwrite the new run's state."""
+    """One run of a record: the record's claim counter after this run's claim. Every claim
+    adds one and nothing resets it (unlike ``retry_count``, which an operator's retry or a
+    revival after a partition sets back to 0), so a record that shows another count has been
+    claimed again since - its late result must not overwrite the new run's state."""
 
-    retry_count: int
-    started_at: dt.datetime | None = None
+    count: int
 
     def holds(self, record: Any, kind: str) -> bool:
-        """True if ``record`` is still in the run this claim started."""
+        """True if ``record`` is still in the run this claim started: IN_PROGRESS (not reset
+        by the recovery sweeper, nor cancelled) and not claimed again since."""
         k = KINDS[kind]
-        if (getattr(record, k.retry_count) or 0) != self.retry_count:
-            return False
-        if k.started_at and self.started_at is not None:
-            current = getattr(record, k.started_at)
-            if current is None:
-                return False
-            if current.tzinfo is None:  # SQLite gives naive UTC back
-                current = current.replace(tzinfo=dt.UTC)
-            return current == self.started_at
-        return True
+        return (
+            getattr(record, k.status) == Status.IN_PROGRESS
+            and (getattr(record, k.claim_count) or 0) == self.count
+        )
 
 
 def claim(session: Session, kind: str, record_id: Any) -> Claim | None:
-    """SCHEDULED → IN_PROGRESS in one conditional UPDATE; None if someone else has it.
-
-    The :class:`Claim` returned identifies this run (it is read under the row lock the
-    UPDATE took, so no reset can come in between)."""
+    """SCHEDULED → IN_PROGRESS in one conditional UPDATE that also counts the claim; None if
+    someone else has it."""
     k = KINDS[kind]
     col = getattr(k.model, k.status)
-    values: dict[str, Any] = {k.status: Status.IN_PROGRESS}
-    started = utcnow()
+    counter = getattr(k.model, k.claim_count)
+    values: dict[str, Any] = {k.status: Status.IN_PROGRESS, k.claim_count: counter + 1}
     if k.started_at:
-        values[k.started_at] = started
+        values[k.started_at] = utcnow()
     result = session.execute(
         update(k.model)
         .where(k.model.id == record_id, col == Status.SCHEDULED)
@@ -126,8 +120,9 @@ def claim(session: Session, kind: str, record_id: Any) -> Claim | None:
     )
     if not result.rowcount:
         return None
-    count = session.scalar(select(getattr(k.model, k.retry_count)).where(k.model.id == record_id))
-    return Claim(int(count or 0), started if k.started_at else None)
+    # read under the row lock the UPDATE took: no other claim can come in between
+    count = session.scalar(select(counter).where(k.model.id == record_id))
+    return Claim(int(count or 0))
 
 
 def schedule(session: Session, kind: str, record_id: Any) -> bool:

@@ -18,14 +18,19 @@ from sqlalchemy.orm import Session
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import LocationType, PhysicalCopyStatus, Status
 from data_transfer import deletion, managers, operations, state
-from data_transfer.errors import ConfigurationError, DestinationExistsError
+from data_transfer.errors import (
+    ConfigurationError,
+    DestinationExistsError,
+    StalledTaskError,
+    StorageError,
+)
 from data_transfer.heartbeat import MemoryHeartbeats
 from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
 from data_transfer.metrics import PipelineCollector
 from data_transfer.operations import Context
 from data_transfer.queues import discover_queues
-from tests.transfer.stack import Stack, transfer_settings
+from tests.transfer.stack import Stack, passes, transfer_settings
 from tests.transfer.test_pipeline import check_archive_bytes, run_until_quiet
 
 
@@ -431,24 +436,77 @@ def test_a_late_failure_does_not_undo_a_record_taken_over(stack: Stack, new_run:
 
 
 def test_a_claim_names_its_run(stack: Stack) -> None:
-    """The run identity: attempt count, and the start time where the kind keeps one."""
+    """The run identity is the record's claim counter, which every claim raises and nothing
+    resets."""
     stack.file_observation(files=1, seed=5)
     ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root))
     run_pass("raw_data_packages", ctx.engine, ctx.settings, QueueDispatcher())
     with Session(stack.engine) as s, s.begin():
         pkg = s.scalars(select(m.RawDataPackage)).one()
         run = state.claim(s, "raw_data_package", pkg.id)
-        assert run is not None and run.started_at is None
+        assert run == state.Claim(1)
         assert state.claim(s, "raw_data_package", pkg.id) is None  # a duplicate delivery
         s.refresh(pkg)
         assert run.holds(pkg, "raw_data_package")
-        pkg.retry_count += 1  # a reset by someone else
-        assert not run.holds(pkg, "raw_data_package")
-    start = dt.datetime(2026, 12, 1, 3, 0, tzinfo=dt.UTC)
-    claim = state.Claim(retry_count=0, started_at=start)
-    transfer = m.DataTransfer(retry_count=0, started_at=start.replace(tzinfo=None))
-    assert claim.holds(transfer, "data_transfer")  # naive UTC from SQLite
-    transfer.started_at = start + dt.timedelta(seconds=1)  # claimed again since
-    assert not claim.holds(transfer, "data_transfer")
-    transfer.started_at = None
-    assert not claim.holds(transfer, "data_transfer")
+        pkg.status, pkg.retry_count = Status.SCHEDULED, 0  # reset, as an operator's retry does
+        s.flush()
+        again = state.claim(s, "raw_data_package", pkg.id)
+        assert again == state.Claim(2)
+        s.refresh(pkg)
+        assert not run.holds(pkg, "raw_data_package") and again.holds(pkg, "raw_data_package")
+    transfer = m.DataTransfer(
+        claim_count=3,
+        unpack_claim_count=7,
+        status=Status.IN_PROGRESS,
+        unpack_status=Status.IN_PROGRESS,
+    )
+    assert state.Claim(3).holds(transfer, "data_transfer")
+    assert state.Claim(7).holds(transfer, "unpack") and not state.Claim(3).holds(transfer, "unpack")
+    transfer.status = Status.PENDING  # reset by the recovery sweeper
+    assert not state.Claim(3).holds(transfer, "data_transfer")
+
+
+def test_a_late_unpack_failure_spares_the_run_after_an_operator_retry(stack: Stack) -> None:
+    """Run A of an unpack hangs; the sweeper resets it (FAILED: no retries left), an operator
+    retries it (the retry count back to 0), and run B claims it. A then fails: B keeps the
+    record. (Before, a run was told by its retry count, which the retry had set back to A's
+    value, so A's failure overwrote B's IN_PROGRESS and a third run could start.)"""
+    settings = transfer_settings(stack.root, max_retries=0)
+    ctx = Context(engine=stack.engine, settings=settings)
+    stack.file_observation(files=2, seed=61)
+    for _ in range(4):
+        passes(ctx, "raw_data_packages", "transfer_packages")
+    with Session(stack.engine) as s, s.begin():
+        t = s.scalars(select(m.DataTransfer)).one()
+        tid = t.id
+        t.status, t.unpack_status = Status.COMPLETED, Status.SCHEDULED
+    go, started = threading.Event(), threading.Event()
+
+    def body():
+        started.set()
+        assert go.wait(30)
+        raise StorageError("NFS came back: stale file handle")  # run A, hung, fails late
+
+    out: dict[str, operations.Outcome] = {}
+    th = threading.Thread(
+        target=lambda: out.setdefault("a", operations._run(ctx, "unpack", tid, body))
+    )
+    th.start()
+    assert started.wait(30)
+    with Session(stack.engine) as s, s.begin():  # the recovery sweeper: A has no heartbeat
+        t = s.get(m.DataTransfer, tid)
+        state.record_failure(s, t, "unpack", StalledTaskError("no heartbeat"), settings)
+        assert t.unpack_status == Status.FAILED
+    with Session(stack.engine) as s, s.begin():  # POST /data_transfers/{id}/retry (unpack)
+        t = s.get(m.DataTransfer, tid)
+        t.unpack_status, t.unpack_retry_count, t.unpack_failure_reason = Status.PENDING, 0, None
+    with Session(stack.engine) as s, s.begin():  # the manager schedules it, run B claims it
+        assert state.schedule(s, "unpack", tid)
+        assert state.claim(s, "unpack", tid) is not None
+    go.set()
+    th.join(30)
+    assert (out["a"].result, out["a"].detail) == ("skipped", "taken over by another run")
+    with Session(stack.engine) as s:
+        t = s.get(m.DataTransfer, tid)
+        assert (t.unpack_status, t.unpack_retry_count) == (Status.IN_PROGRESS, 0)
+        assert t.unpack_claim_count == 2

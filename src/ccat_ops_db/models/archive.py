@@ -48,6 +48,8 @@ class LongTermArchiveTransfer(RetryMixin, TimestampMixin, Base):
         ForeignKey("data_location.id", ondelete="RESTRICT"), index=True
     )
     status: Mapped[Status] = mapped_column(enum_column(Status, "status"), default=Status.PENDING)
+    # +1 on every claim by a worker, never reset: tells a run from a later run of this record.
+    claim_count: Mapped[int] = mapped_column(default=0, server_default="0", nullable=False)
     object_key: Mapped[str | None] = mapped_column(String(1024))
     sidecar_key: Mapped[str | None] = mapped_column(String(1024))
     bytes_transferred: Mapped[int | None] = mapped_column(BigInteger)
@@ -109,6 +111,8 @@ class StagingJob(RetryMixin, TimestampMixin, Base):
         ForeignKey("data_location.id", ondelete="RESTRICT"), index=True
     )
     status: Mapped[Status] = mapped_column(enum_column(Status, "status"), default=Status.PENDING)
+    # +1 on every claim by a worker, never reset: tells a run from a later run of this record.
+    claim_count: Mapped[int] = mapped_column(default=0, server_default="0", nullable=False)
     # False once released: its staged copies are then eligible for deletion.
     active: Mapped[bool] = mapped_column(default=True, server_default=true())
     unpack: Mapped[bool] = mapped_column(default=True, server_default=true())

@@ -126,6 +126,8 @@ class RawDataPackage(RetryMixin, TimestampMixin, Base):
         enum_column(PackageState, "state"), default=PackageState.WAITING
     )
     status: Mapped[Status] = mapped_column(enum_column(Status, "status"), default=Status.PENDING)
+    # +1 on every claim by a worker, never reset: tells a run from a later run of this record.
+    claim_count: Mapped[int] = mapped_column(default=0, server_default="0", nullable=False)
     executed_obs_unit_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("executed_obs_unit.id", ondelete="RESTRICT")
     )

@@ -60,10 +60,14 @@ class DataTransfer(RetryMixin, TimestampMixin, Base):
     # Secondary transfers replicate from one archive site to another.
     is_secondary: Mapped[bool] = mapped_column(default=False, server_default=false())
     status: Mapped[Status] = mapped_column(enum_column(Status, "status"), default=Status.PENDING)
+    # +1 on every claim by a worker, never reset: tells a run from a later run of this record.
+    claim_count: Mapped[int] = mapped_column(default=0, server_default="0", nullable=False)
     unpack_status: Mapped[Status] = mapped_column(
         enum_column(Status, "unpack_status"), default=Status.PENDING
     )
     unpack_retry_count: Mapped[int] = mapped_column(default=0, server_default="0")
+    # +1 on every unpack claim by a worker, never reset: tells one unpack run from a later one.
+    unpack_claim_count: Mapped[int] = mapped_column(default=0, server_default="0", nullable=False)
     unpack_failure_reason: Mapped[str | None] = mapped_column(String(2000))
     started_at: Mapped[dt.datetime | None] = mapped_column()
     finished_at: Mapped[dt.datetime | None] = mapped_column()

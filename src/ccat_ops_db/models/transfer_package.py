@@ -36,6 +36,8 @@ class DataTransferPackage(RetryMixin, TimestampMixin, Base):
         enum_column(ChecksumAlgorithm, "checksum_algorithm"), default=ChecksumAlgorithm.SHA256
     )
     status: Mapped[Status] = mapped_column(enum_column(Status, "status"), default=Status.PENDING)
+    # +1 on every claim by a worker, never reset: tells a run from a later run of this record.
+    claim_count: Mapped[int] = mapped_column(default=0, server_default="0", nullable=False)
     # The BUFFER where it is assembled.
     origin_location_id: Mapped[int] = mapped_column(
         ForeignKey("data_location.id", ondelete="RESTRICT"), index=True
