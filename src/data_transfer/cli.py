@@ -244,8 +244,8 @@ def run_once(
 
 @app.command()
 def status() -> None:
-    """Records per stage and status, the failures with their reasons, and what is waiting
-    or retrying with its last reason."""
+    """Records per stage and status, the failures with their reasons, what is waiting or
+    retrying with its last reason, and what an operator cancelled."""
     from .metrics import failure_reasons, pipeline_counts
 
     try:
@@ -253,11 +253,12 @@ def status() -> None:
         counts = pipeline_counts(engine)
         reasons = failure_reasons(engine)
         waiting = failure_reasons(engine, ("pending", "scheduled"))
+        cancelled = failure_reasons(engine, ("cancelled",))
     except (ConfigurationError, DbConfigurationError) as exc:
         _fail(exc)
         return
     table = Table(title="Pipeline")
-    cols = ("pending", "scheduled", "in_progress", "completed", "failed")
+    cols = ("pending", "scheduled", "in_progress", "completed", "failed", "cancelled")
     table.add_column("stage")
     for c in cols:
         table.add_column(c, justify="right")
@@ -267,6 +268,7 @@ def status() -> None:
     for title, by_reason in (
         ("Failed, by reason", reasons),
         ("Waiting or retrying, by last reason", waiting),
+        ("Cancelled (given up by an operator), by whom", cancelled),
     ):
         if by_reason:
             t2 = Table(title=title)

@@ -205,6 +205,18 @@ def test_cli_queues_status_and_run_once(stack: Stack) -> None:
     assert status.returncode == 0, status.stderr
     waiting = status.stdout[status.stdout.index("Waiting or retrying") :]
     assert "raw_data_package" in waiting and "NotStartedError" in waiting, status.stdout
+    assert "Cancelled" not in status.stdout
+    # a transfer an operator gave up: counted in its column, and by whom
+    with Session(stack.engine) as s, s.begin():
+        t = s.scalars(select(m.DataTransfer)).first()
+        t.status = t.unpack_status = Status.CANCELLED
+        t.failure_reason = "cancelled by night-shift: the us archive is decommissioned"
+    status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    header = next(line for line in status.stdout.splitlines() if "in_progress" in line)
+    assert "cancelled" in header, status.stdout
+    given_up = status.stdout[status.stdout.index("Cancelled (given up") :]
+    assert "data_transfer" in given_up and "cancelled by night-shift" in given_up, status.stdout
 
 
 def test_pipeline_metrics_show_backlog_and_failures(stack: Stack) -> None:
