@@ -645,8 +645,10 @@ def unpack(ctx: Context, transfer_id: int) -> Outcome:
                 raise ChecksumMismatchError(path, checksum, found[path].checksum, algorithm)
 
         def commit(s: Session) -> str:
-            t = s.get(DataTransfer, transfer_id)
+            t = s.get(DataTransfer, transfer_id, with_for_update=True)
             assert t is not None
+            if Status.CANCELLED in (t.status, t.unpack_status):
+                return _discard_unpacked(s, t, pkgs, root, dst)
             stamp = now()
             for path, (pid, checksum) in pkgs.items():
                 _upsert_copy(
@@ -669,6 +671,40 @@ def unpack(ctx: Context, transfer_id: int) -> Outcome:
         return commit
 
     return _run(ctx, "unpack", transfer_id, body)
+
+
+def _discard_unpacked(
+    s: Session, t: DataTransfer, pkgs: dict[str, tuple[int, Any]], root: Path, dst: LocationRef
+) -> str:
+    """An unpack that finished after an operator cancelled its transfer (a run the sweeper
+    took for dead): record nothing - no copies the archive manager would archive at the
+    given-up site, no secondaries from there - and remove what it extracted once the commit
+    holds, except packages a recorded copy there already stands for."""
+    held = set(
+        s.scalars(
+            select(RawDataPackagePhysicalCopy.raw_data_package_id).where(
+                RawDataPackagePhysicalCopy.data_location_id == t.destination_location_id,
+                RawDataPackagePhysicalCopy.raw_data_package_id.in_([p for p, _ in pkgs.values()]),
+                RawDataPackagePhysicalCopy.status.in_(deletion.LIVE_COPY),
+            )
+        )
+    )
+    extracted = [root / path for path, (pid, _) in pkgs.items() if pid not in held]
+
+    def remove() -> None:
+        for path in extracted:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # left for the BUFFER's sweeper and the operator
+                log.warning("could not remove %s unpacked after a cancel: %s", path, exc)
+
+    s.info.setdefault("after_commit", []).append(remove)
+    msg = (
+        f"unpacked at {dst.label} after the transfer was cancelled: nothing recorded, "
+        f"{len(extracted)} extracted package(s) removed"
+    )
+    _add_log(s, "unpack", t.id, "warning", msg, None)
+    return msg
 
 
 # --- stage 5: long-term archive -----------------------------------------------------------

@@ -33,6 +33,7 @@ from ccat_ops_db.enums import LocationType, RouteType, Status
 from ccat_ops_db.models import (
     DataLocation,
     DataTransfer,
+    DataTransferLog,
     DataTransferPackage,
     DataTransferRoute,
     Site,
@@ -296,6 +297,10 @@ def create_primary_transfer(session: Session, dtp: DataTransferPackage) -> DataT
                 )
             ):
                 origin = relay
+    if given_up:
+        moved = _repoint_stuck_leg(session, dtp, route, origin, given_up)
+        if moved is not None:
+            return moved
     leg = _new_leg(session, dtp, route, origin, secondary=False)
     if leg is None and given_up:
         here = session.get(Site, origin.site_id)
@@ -305,6 +310,59 @@ def create_primary_transfer(session: Session, dtp: DataTransferPackage) -> DataT
             "sent to before (one transfer per package and destination)"
         )
     return leg
+
+
+def _repoint_stuck_leg(
+    session: Session,
+    dtp: DataTransferPackage,
+    route: DataTransferRoute,
+    origin: DataLocation,
+    given_up: set[int],
+) -> DataTransfer | None:
+    """The unfinished transfer to the new way's first destination that starts at a given-up
+    site (the onward leg of a relay whose relay is gone), moved to start at ``origin`` by
+    ``route``: there is one transfer per package and destination, and from the gone site it
+    could never run. None when there is no such transfer."""
+    target = _hop_target(session, route, origin.site_id)
+    if RouteType(route.route_type) == RouteType.CUSTOM and route.destination_location_id:
+        dest_id = route.destination_location_id
+    else:
+        dest_id = primary_buffer(session, target).id
+    stuck = session.scalar(
+        select(DataTransfer)
+        .join(DataLocation, DataLocation.id == DataTransfer.origin_location_id)
+        .where(
+            DataTransfer.data_transfer_package_id == dtp.id,
+            DataTransfer.destination_location_id == dest_id,
+            DataTransfer.status.in_((Status.PENDING, Status.FAILED)),
+            DataLocation.site_id.in_(given_up),
+        )
+        .with_for_update()
+    )
+    if stuck is None:
+        return None
+    was = session.get(DataLocation, stuck.origin_location_id)
+    stuck.failure_reason = (
+        f"re-routed by {route.name}: its origin {was.name if was else '?'} at a given-up site "
+        f"(was {stuck.status}: {stuck.failure_reason or 'no reason'})"
+    )[:1990]
+    method = route.method
+    if target != route.destination_site_id or origin.site_id != route.origin_site_id:
+        hop = find_route(session, origin.site_id, target)  # a relay leg: its hop's method
+        if hop is not None and RouteType(hop.route_type) != RouteType.RELAY:
+            method = hop.method
+    stuck.origin_location_id = origin.id
+    stuck.route_id = route.id
+    stuck.method = method
+    stuck.is_secondary = False
+    stuck.status = Status.PENDING
+    stuck.retry_count = 0
+    stuck.next_attempt_at = None
+    session.add(
+        DataTransferLog(data_transfer_id=stuck.id, level="warning", message=stuck.failure_reason)
+    )
+    session.flush()
+    return stuck
 
 
 def next_relay_leg(session: Session, t: DataTransfer) -> DataTransfer | None:

@@ -33,8 +33,8 @@ from ccat_ops_db.enums import (
     Status,
     StorageType,
 )
-from data_transfer import operations, routing, state
-from data_transfer.errors import StalledTaskError
+from data_transfer import operations, packaging, routing, state
+from data_transfer.errors import NetworkError, StalledTaskError
 from data_transfer.managers import run_pass
 from data_transfer.movers import mover_for
 from data_transfer.operations import Context
@@ -491,3 +491,197 @@ def test_a_late_success_does_not_undo_a_cancel(stack: Stack) -> None:
         )
         assert copy is not None and copy.status == PhysicalCopyStatus.PRESENT
         assert s.scalars(select(m.DataTransfer.id)).all() == [tid]  # no onward leg
+
+
+# --- a transfer whose bytes arrived at a site that went before unpacking them ------------------
+
+
+def _direct_us(stack: Stack) -> None:
+    with Session(stack.engine) as s, s.begin():
+        r = _route(s, "ccat_to_us")
+        r.route_type, r.relay_site_id = RouteType.DIRECT, None
+
+
+def _cancel_arrived(stack: Stack, tid: int) -> None:
+    with Session(stack.engine) as s, s.begin():  # what POST .../cancel writes for it
+        t = s.get(m.DataTransfer, tid)
+        assert t.status == Status.COMPLETED and t.unpack_status in (Status.PENDING, Status.FAILED)
+        t.status = t.unpack_status = Status.CANCELLED
+        t.failure_reason = t.unpack_failure_reason = "cancelled by test: cologne gone"
+
+
+def _archived_at(s: Session) -> list[tuple[int, str]]:
+    return sorted(
+        s.execute(
+            select(m.LongTermArchiveTransfer.raw_data_package_id, m.Site.short_name)
+            .join(
+                m.DataLocation,
+                m.DataLocation.id == m.LongTermArchiveTransfer.destination_location_id,
+            )
+            .join(m.Site)
+        ).all()
+    )
+
+
+def test_a_cancelled_arrival_goes_to_another_archive(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bytes reached Cologne, whose unpack then failed for good; the operator cancels the
+    transfer through the API. The package goes to Cornell from the telescope's copy, is
+    archived there once, every file equal, and no copy is left upstream."""
+    _direct_us(stack)
+    stack.file_observation(files=5, seed=61)
+    ctx = Context(
+        engine=stack.engine, settings=transfer_settings(stack.root, partition_retry_s=0.01)
+    )
+    tid = _first_leg(stack, ctx)
+    passes(ctx, "transfers")
+    with Session(stack.engine) as s, s.begin():
+        t = s.get(m.DataTransfer, tid)
+        assert t.status == Status.COMPLETED
+        t.unpack_status, t.unpack_retry_count = Status.FAILED, 4
+        t.unpack_failure_reason = "StorageError: cologne buffer read-only"
+    token = _operator_token(stack)
+    with (
+        running_api(stack.db_url, tmp_path, seed=False) as api,
+        httpx.Client(
+            base_url=api.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as c,
+    ):
+        r = c.post(f"{V1}/data_transfers/{tid}/cancel", json={"reason": "cologne gone"})
+        assert r.status_code == 200, r.text
+        assert r.json()["unpack_failure_reason"] == "cancelled by night-shift: cologne gone"
+    with caplog.at_level(logging.ERROR):
+        for _ in range(8):
+            passes(ctx, *ALL)
+    legs = _legs(stack)
+    assert legs[0] == (tid, "cologne", "cancelled", False), legs
+    assert [(site, st, sec) for _, site, st, sec in legs[1:]] == [("us", "completed", False)]
+    with Session(stack.engine) as s:
+        pkgs = s.scalars(select(m.RawDataPackage)).all()
+        assert {p.state for p in pkgs} == {PackageState.ARCHIVED}
+        assert _archived_at(s) == sorted((p.id, "us") for p in pkgs)
+        assert live_upstream_copies(s) == 0
+    assert "given up everywhere" not in caplog.text
+
+
+def test_a_late_unpack_does_not_undo_a_cancel(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unpack run the sweeper took for dead finishes after the operator cancelled the
+    arrived transfer: nothing is recorded at the given-up site and what it extracted is
+    removed; the package goes to Cornell and is archived there only. (Before, the late unpack
+    set COMPLETED on the cancelled transfer, recorded copies that were archived at the
+    given-up site, and made secondaries from there.)"""
+    _direct_us(stack)
+    settings = transfer_settings(stack.root, partition_retry_s=0.01)
+    ctx = Context(engine=stack.engine, settings=settings)
+    stack.file_observation(files=3, seed=62)
+    tid = _first_leg(stack, ctx)
+    passes(ctx, "transfers")
+    go, unpacking = threading.Event(), threading.Event()
+    real = packaging.extract_package
+
+    def slow(*a: Any, **kw: Any) -> Any:
+        unpacking.set()
+        assert go.wait(30)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(packaging, "extract_package", slow)
+    with Session(stack.engine) as s, s.begin():
+        assert state.schedule(s, "unpack", tid)
+    out: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: out.setdefault("o", operations.unpack(ctx, tid)))
+    th.start()
+    assert unpacking.wait(30)
+    with Session(stack.engine) as s, s.begin():  # the recovery sweeper: no heartbeat
+        t = s.get(m.DataTransfer, tid)
+        state.record_failure(s, t, "unpack", StalledTaskError("no heartbeat"), settings)
+    _cancel_arrived(stack, tid)
+    go.set()
+    th.join(60)
+    monkeypatch.setattr(packaging, "extract_package", real)
+    assert "after the transfer was cancelled: nothing recorded" in out["o"].detail, out
+    cologne = stack.roots["cologne/buffer"]
+    with Session(stack.engine) as s:
+        t = s.get(m.DataTransfer, tid)
+        assert (t.status, t.unpack_status) == (Status.CANCELLED, Status.CANCELLED)
+        for pkg in s.scalars(select(m.RawDataPackage)):
+            assert not (cologne / pkg.relative_path).exists(), pkg.relative_path
+        assert not s.scalars(
+            select(m.RawDataPackagePhysicalCopy).where(
+                m.RawDataPackagePhysicalCopy.data_location_id == t.destination_location_id
+            )
+        ).all()
+    for _ in range(8):
+        passes(ctx, *ALL)
+    with Session(stack.engine) as s:
+        pkgs = s.scalars(select(m.RawDataPackage)).all()
+        assert {p.state for p in pkgs} == {PackageState.ARCHIVED}
+        assert _archived_at(s) == sorted((p.id, "us") for p in pkgs)
+        assert [(site, st) for _, site, st, _ in _legs(stack)] == [
+            ("cologne", "cancelled"),
+            ("us", "completed"),
+        ]
+
+
+def test_an_onward_leg_from_a_given_up_relay_is_moved(stack: Stack) -> None:
+    """Cornell through Cologne: the first leg arrived in Cologne (its onward leg to Cornell is
+    made then), Cologne's unpack failed and Cologne is gone. The operator cancels the first
+    leg and makes Cornell reachable directly. The onward leg, which could never leave Cologne,
+    is moved to start at the telescope (one transfer per package and destination), and the
+    package is archived in Cornell. (Before, the package was stranded, and cancelling the
+    onward leg too gave Cornell up.)"""
+    with Session(stack.engine) as s, s.begin():
+        _route(s, "ccat_to_cologne").active = False
+    stack.file_observation(files=2, seed=63)
+    settings = transfer_settings(stack.root, partition_retry_s=0.01)
+    plain = Context(engine=stack.engine, settings=settings)
+    first = _first_leg(stack, plain)
+    passes(plain, "transfers")
+    legs = _legs(stack)
+    assert [(site, st) for _, site, st, _ in legs] == [("cologne", "completed"), ("us", "pending")]
+    with Session(stack.engine) as s, s.begin():
+        t = s.get(m.DataTransfer, first)
+        t.unpack_status = Status.FAILED
+        t.unpack_failure_reason = "StorageError: cologne buffer dying"
+    _cancel_arrived(stack, first)
+    _direct_us(stack)
+
+    class Gone:
+        """Cologne does not answer any more."""
+
+        def __init__(self, inner: Any, src: Any, dst: Any) -> None:
+            self.inner, self.src, self.dst = inner, src, dst
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def copy(self, *a: Any, **kw: Any) -> Any:
+            if "cologne" in (self.src.site, self.dst.site):
+                raise NetworkError("cologne unreachable")
+            return self.inner.copy(*a, **kw)
+
+    ctx = Context(
+        engine=stack.engine,
+        settings=settings,
+        mover_factory=lambda src, dst, *a, **kw: Gone(mover_for(src, dst, *a, **kw), src, dst),
+    )
+    for _ in range(8):
+        passes(ctx, *ALL)
+    with Session(stack.engine) as s:
+        onward = s.get(m.DataTransfer, legs[1][0])
+        assert onward.origin_location.site.short_name == "ccat"
+        assert onward.status == Status.COMPLETED
+        assert onward.failure_reason is None
+        pkgs = s.scalars(select(m.RawDataPackage)).all()
+        assert {p.state for p in pkgs} == {PackageState.ARCHIVED}
+        assert _archived_at(s) == sorted((p.id, "us") for p in pkgs)
+    with Session(stack.engine) as s:
+        logs = s.scalars(
+            select(m.DataTransferLog.message).where(
+                m.DataTransferLog.data_transfer_id == legs[1][0]
+            )
+        ).all()
+    assert len(_legs(stack)) == 2
+    assert any(line.startswith("re-routed by ccat_to_us: its origin buffer") for line in logs), logs

@@ -405,6 +405,8 @@ def cancel_transfer(
     t.unpack_status = Status.CANCELLED
     t.next_attempt_at = None
     t.failure_reason = f"cancelled by {who.username}: {reason}"[:1990]
+    if arrived:  # the unpack is given up with it (its last reason goes to the log line)
+        t.unpack_failure_reason = t.failure_reason
     db.add(
         DataTransferLog(
             data_transfer_id=t.id,
