@@ -11,10 +11,7 @@ package was never archived anywhere else: only a retry existed.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import io
 import logging
-import tarfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ from data_transfer.movers import mover_for
 from data_transfer.operations import Context
 from tests.api_server import running_api
 from tests.transfer.stack import Stack, live_upstream_copies, passes, transfer_settings
+from tests.transfer.test_pipeline import check_archive_bytes
 
 V1 = "/api/v1"
 ALL = (
@@ -155,22 +153,8 @@ def test_a_cancelled_primary_goes_to_another_archive(
         ).all()
         assert dtp_copies and set(dtp_copies) == {PhysicalCopyStatus.DELETED}
         # every file, read back from the Cornell archive, equals the original
-        lta = s.scalar(select(m.S3DataLocation).join(m.Site).where(m.Site.short_name == "us"))
+        assert check_archive_bytes(stack, sites=["us"]) == 5
         client = stack.s3.client()
-        checked = 0
-        for pkg in pkgs:
-            blob = client.get_object(
-                Bucket=stack.buckets["us/lta"], Key=lta.key_prefix + pkg.relative_path
-            )["Body"].read()
-            with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-                for f in pkg.files:
-                    data = tar.extractfile(f.relative_path).read()
-                    assert (
-                        hashlib.sha256(data).hexdigest().encode()
-                        == stack.originals[f.relative_path]
-                    )
-                    checked += 1
-        assert checked == 5
         assert stack.buckets.get("cologne/lta")
         assert not client.list_objects_v2(Bucket=stack.buckets["cologne/lta"]).get("Contents")
     assert not [r for r in caplog.records if "given up everywhere" in r.getMessage()]
@@ -438,6 +422,32 @@ def test_a_reroute_through_the_same_relay_starts_at_the_relay(stack: Stack) -> N
         assert live_upstream_copies(s) == 0
 
 
+def _late_run(
+    stack: Stack,
+    kind: str,
+    task: Any,
+    tid: int,
+    started: threading.Event,
+    go: threading.Event,
+    cancel: Any,
+) -> Any:
+    """Run ``task`` in a thread; once it is at work (``started``), reset its record as the
+    recovery sweeper does for a missing heartbeat and cancel the transfer; then let the task
+    finish (``go``) and return its outcome."""
+    out: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: out.setdefault("o", task()))
+    th.start()
+    assert started.wait(30)
+    with Session(stack.engine) as s, s.begin():
+        t = s.get(m.DataTransfer, tid)
+        settings = transfer_settings(stack.root)
+        state.record_failure(s, t, kind, StalledTaskError("no heartbeat"), settings)
+    cancel(stack, tid)
+    go.set()
+    th.join(60)
+    return out["o"]
+
+
 def test_a_late_success_does_not_undo_a_cancel(stack: Stack) -> None:
     """A run is still copying when the sweeper takes it for dead and an operator cancels the
     transfer; then the copy finishes. The transfer stays CANCELLED (no unpack, no onward
@@ -469,17 +479,10 @@ def test_a_late_success_does_not_undo_a_cancel(stack: Stack) -> None:
     with Session(stack.engine) as s, s.begin():
         tid = s.scalars(select(m.DataTransfer.id)).one()
         assert state.schedule(s, "data_transfer", tid)
-    out: dict[str, Any] = {}
-    th = threading.Thread(target=lambda: out.setdefault("o", operations.transfer(ctx, tid)))
-    th.start()
-    assert copying.wait(30)
-    with Session(stack.engine) as s, s.begin():  # the recovery sweeper: no heartbeat
-        t = s.get(m.DataTransfer, tid)
-        state.record_failure(s, t, "data_transfer", StalledTaskError("no heartbeat"), settings)
-    _cancel(stack, tid)
-    go.set()
-    th.join(60)
-    assert out["o"].detail.startswith("arrived after the transfer was cancelled"), out
+    outcome = _late_run(
+        stack, "data_transfer", lambda: operations.transfer(ctx, tid), tid, copying, go, _cancel
+    )
+    assert outcome.detail.startswith("arrived after the transfer was cancelled"), outcome
     with Session(stack.engine) as s:
         t = s.get(m.DataTransfer, tid)
         assert (t.status, t.unpack_status) == (Status.CANCELLED, Status.CANCELLED)
@@ -590,18 +593,11 @@ def test_a_late_unpack_does_not_undo_a_cancel(
     monkeypatch.setattr(packaging, "extract_package", slow)
     with Session(stack.engine) as s, s.begin():
         assert state.schedule(s, "unpack", tid)
-    out: dict[str, Any] = {}
-    th = threading.Thread(target=lambda: out.setdefault("o", operations.unpack(ctx, tid)))
-    th.start()
-    assert unpacking.wait(30)
-    with Session(stack.engine) as s, s.begin():  # the recovery sweeper: no heartbeat
-        t = s.get(m.DataTransfer, tid)
-        state.record_failure(s, t, "unpack", StalledTaskError("no heartbeat"), settings)
-    _cancel_arrived(stack, tid)
-    go.set()
-    th.join(60)
+    outcome = _late_run(
+        stack, "unpack", lambda: operations.unpack(ctx, tid), tid, unpacking, go, _cancel_arrived
+    )
     monkeypatch.setattr(packaging, "extract_package", real)
-    assert "after the transfer was cancelled: nothing recorded" in out["o"].detail, out
+    assert "after the transfer was cancelled: nothing recorded" in outcome.detail, outcome
     cologne = stack.roots["cologne/buffer"]
     with Session(stack.engine) as s:
         t = s.get(m.DataTransfer, tid)

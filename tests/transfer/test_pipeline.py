@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -33,14 +34,17 @@ def run_until_quiet(ctx: Context, passes: int = 12) -> None:
         run_all_once(ctx, QueueDispatcher())
 
 
-def check_archive_bytes(stack: Stack) -> int:
-    """Every file in every archived package, read back from S3, equals the original bytes."""
+def check_archive_bytes(stack: Stack, sites: Iterable[str] | None = None) -> int:
+    """Every file in every archived package, read back from S3 (at every archive site, or
+    at ``sites``), equals the original bytes."""
     client = stack.s3.client()
     checked = 0
     with Session(stack.engine) as s:
         for pkg in s.scalars(select(m.RawDataPackage)):
             for loc_key, bucket in stack.buckets.items():
                 site = loc_key.split("/")[0]
+                if sites is not None and site not in sites:
+                    continue
                 lta = s.scalar(
                     select(m.S3DataLocation).join(m.Site).where(m.Site.short_name == site)
                 )
