@@ -22,14 +22,16 @@ import json
 import logging
 import os
 import shutil
+import threading
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from ccat_ops_db.enums import (
@@ -1532,6 +1534,42 @@ def _item_paths(s: Session, copies: list[PhysicalCopy]) -> dict[int, str]:
 # --- beyond the real system: fixity audit -------------------------------------------------
 
 
+@contextmanager
+def _lease_held(ctx: Context, copy_id: int) -> Iterator[None]:
+    """Keep a fixity check's lease on its copy (``next_attempt_at``, set by the fixity
+    manager ``scheduled_timeout_s`` ahead) from running out while the check reads: renewed
+    every third of that from a background thread, so a check longer than the lease (a large
+    copy on slow or tape-backed storage) is not sent again beside itself."""
+    lease_s = ctx.settings.scheduled_timeout_s
+    stop = threading.Event()
+
+    def renew() -> None:
+        until = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=lease_s)
+        with ctx.session() as s, s.begin():
+            s.execute(
+                update(PhysicalCopy)
+                .where(PhysicalCopy.id == copy_id, PhysicalCopy.next_attempt_at.is_not(None))
+                .values(next_attempt_at=until)
+                .execution_options(synchronize_session=False)
+            )
+
+    def loop() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                renew()
+            except Exception as exc:  # the next round tries again; the lease has 2/3 left
+                log.warning("fixity lease of copy %s not renewed: %s", copy_id, exc)
+
+    thread = threading.Thread(target=loop, name=f"fixity lease {copy_id}", daemon=True)
+    renew()  # from the start of the read, not from when the manager queued it
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def fixity(ctx: Context, copy_id: int) -> Outcome:
     """Re-read an archived copy; on a mismatch or loss, repair it from a good copy."""
     with ctx.session() as s:
@@ -1557,7 +1595,8 @@ def fixity(ctx: Context, copy_id: int) -> Outcome:
         ]
     mover = ctx.mover_factory(loc, loc, None)
     try:
-        actual = mover.checksum(loc, path, algorithm=algorithm)
+        with _lease_held(ctx, copy_id):
+            actual = mover.checksum(loc, path, algorithm=algorithm)
         problem = (
             None
             if actual == expected

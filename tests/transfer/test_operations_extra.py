@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -28,6 +29,7 @@ from data_transfer.heartbeat import MemoryHeartbeats
 from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
 from data_transfer.metrics import PipelineCollector
+from data_transfer.movers import mover_for
 from data_transfer.operations import Context
 from data_transfer.queues import discover_queues
 from tests.transfer.stack import Stack, passes, transfer_settings
@@ -522,3 +524,57 @@ def test_a_late_unpack_failure_spares_the_run_after_an_operator_retry(stack: Sta
         t = s.get(m.DataTransfer, tid)
         assert (t.unpack_status, t.unpack_retry_count) == (Status.IN_PROGRESS, 0)
         assert t.unpack_claim_count == 2
+
+
+def test_a_fixity_check_longer_than_its_lease_is_not_sent_again(stack: Stack) -> None:
+    """The lease of a copy sent for a fixity check lasts ``scheduled_timeout_s``; a check of a
+    large copy on slow storage can read for longer. The check renews its lease while it
+    reads, so the passes meanwhile do not send the copy again beside it. (Before, a check
+    longer than the lease was queued a second time while the first still read.)"""
+    stack.file_observation(files=2, seed=26, sizes=(10_000, 20_000))
+    run_until_quiet(Context(engine=stack.engine, settings=transfer_settings(stack.root)))
+    slow_read = threading.Event()
+    release = threading.Event()
+
+    class SlowChecksum:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def checksum(self, *a: Any, **kw: Any) -> Any:
+            slow_read.set()
+            assert release.wait(30)
+            return self.inner.checksum(*a, **kw)
+
+    settings = transfer_settings(
+        stack.root, fixity_interval_days=1e-9, fixity_bytes_per_pass=1, scheduled_timeout_s=0.6
+    )
+    audit = Context(
+        engine=stack.engine,
+        settings=settings,
+        mover_factory=lambda *a, **kw: SlowChecksum(mover_for(*a, **kw)),
+    )
+    d = QueueDispatcher()
+    assert run_pass("fixity", audit.engine, audit.settings, d).scheduled == 1
+    (task,) = d.pending
+    d.pending = []
+    out: dict[str, Any] = {}
+    th = threading.Thread(
+        target=lambda: out.setdefault("o", operations.fixity(audit, task.payload))
+    )
+    th.start()
+    assert slow_read.wait(30)
+    again = []
+    for _ in range(10):  # 3 s of passes: five leases' worth
+        time.sleep(0.3)
+        run_pass("fixity", audit.engine, audit.settings, d)
+        again += [t.payload for t in d.pending]
+        d.pending = []
+    release.set()
+    th.join(30)
+    assert out["o"].result == "done"
+    assert task.payload not in again, again
+    with Session(stack.engine) as s:
+        assert s.get(m.PhysicalCopy, task.payload).next_attempt_at is None  # lease given back
