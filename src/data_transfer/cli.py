@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ccat_ops_db.config import ConfigurationError as DbConfigurationError
+from ccat_ops_db.enums import Status
 
 from .errors import ConfigurationError
 from .managers import MANAGERS, run_loop, run_pass
@@ -258,7 +259,7 @@ def status() -> None:
         _fail(exc)
         return
     table = Table(title="Pipeline")
-    cols = ("pending", "scheduled", "in_progress", "completed", "failed", "cancelled")
+    cols = [str(st) for st in Status]
     table.add_column("stage")
     for c in cols:
         table.add_column(c, justify="right")

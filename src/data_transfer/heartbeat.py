@@ -9,10 +9,13 @@ interface in memory for single-process runs (``run-once`` without a broker, prop
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "health:data_transfer:"
 TASK_PREFIX = "ccat:task:"
@@ -111,22 +114,36 @@ def task_key(kind: str, record_id: object) -> str:
 
 
 @contextlib.contextmanager
-def beating(hb: Heartbeats, key: str, interval_s: float, ttl_s: float) -> Iterator[None]:
-    """Keep ``key`` alive from a background thread while the block runs; clear it after."""
+def repeating(fn: Callable[[], None], interval_s: float, name: str) -> Iterator[None]:
+    """Call ``fn`` now, then every ``interval_s`` from a background thread while the block
+    runs. A failed call in the thread is logged and tried again at the next interval."""
     stop = threading.Event()
-    hb.beat(key, ttl_s)
+    fn()
 
     def loop() -> None:
         while not stop.wait(interval_s):
-            with contextlib.suppress(Exception):  # a missed beat is retried next interval
-                hb.beat(key, ttl_s)
+            try:
+                fn()
+            except Exception as exc:
+                log.warning(
+                    "%s: %s: %s (tried again in %g s)", name, type(exc).__name__, exc, interval_s
+                )
 
-    thread = threading.Thread(target=loop, name=f"heartbeat {key}", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def beating(hb: Heartbeats, key: str, interval_s: float, ttl_s: float) -> Iterator[None]:
+    """Keep ``key`` alive from a background thread while the block runs; clear it after."""
+    try:
+        with repeating(lambda: hb.beat(key, ttl_s), interval_s, f"heartbeat {key}"):
+            yield
+    finally:
         with contextlib.suppress(Exception):
             hb.clear(key)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -67,7 +66,7 @@ from .errors import (
     TransferSystemError,
     UnpackError,
 )
-from .heartbeat import Heartbeats, MemoryHeartbeats, beating, task_key
+from .heartbeat import Heartbeats, MemoryHeartbeats, beating, repeating, task_key
 from .locations import LocationRef
 from .metrics import TASK_METRICS
 from .movers import mover_for
@@ -180,24 +179,22 @@ def _run(ctx: Context, kind: str, record_id: Any, body: Callable[[], Callable[[S
             record = session.get(state.KINDS[kind].model, record_id, with_for_update=True)
             if record is None:  # deleted under us: nothing to record
                 return Outcome(kind, str(record_id), "failed", str(exc))
-            if getattr(record, state.KINDS[kind].status) == Status.COMPLETED:
-                # another run of the same record finished it meanwhile (a worker taken for
-                # dead by the recovery sweeper was only slow): its result stands
-                log.warning(
-                    "%s %s: completed by another run; this run's failure is dropped: %s",
-                    kind,
-                    record_id,
-                    state.describe_error(exc, path),
-                )
-                return Outcome(kind, str(record_id), "skipped", "completed by another run")
             if not run.holds(record, kind):
-                # the recovery sweeper took this run for dead and reset the record, which may
-                # be running again elsewhere: that run's state stands; this failure is history
+                # another run of the same record finished it meanwhile, or holds it now (the
+                # recovery sweeper took this run for dead and reset the record): its state
+                # stands, and this run's failure is history
+                status = getattr(record, state.KINDS[kind].status)
+                why = (
+                    "completed by another run"
+                    if status == Status.COMPLETED
+                    else "taken over by another run"
+                )
                 log.warning(
-                    "%s %s: taken over by another run (now %s); this run's failure is dropped: %s",
+                    "%s %s: %s (now %s); this run's failure is dropped: %s",
                     kind,
                     record_id,
-                    getattr(record, state.KINDS[kind].status).value,
+                    why,
+                    status.value,
                     state.describe_error(exc, path),
                 )
                 _add_log(
@@ -205,10 +202,10 @@ def _run(ctx: Context, kind: str, record_id: Any, body: Callable[[], Callable[[S
                     kind,
                     record_id,
                     "warning",
-                    f"a run taken over by another failed late: {state.describe_error(exc)}",
+                    f"a run {why} failed late: {state.describe_error(exc)}",
                     path,
                 )
-                return Outcome(kind, str(record_id), "skipped", "taken over by another run")
+                return Outcome(kind, str(record_id), "skipped", why)
             _on_failure(ctx, session, kind, record, exc)
             permanent = state.record_failure(
                 session, record, kind, exc, ctx.settings, log_path=path
@@ -1332,11 +1329,12 @@ def _check_other_form(
 
 def _remove_staged(dst: LocationRef, rel: str) -> None:
     """Remove a staged tar or folder that no row describes (best effort, logged)."""
+    target = dst.path(rel)
     try:
-        if dst.path(rel).is_dir():
-            _remove_tree(dst, rel)
+        if target.is_dir():
+            shutil.rmtree(target)
         else:
-            dst.path(rel).unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
     except OSError as exc:
         log.warning("could not remove %s at %s: %s", rel, dst.label, exc)
 
@@ -1538,10 +1536,9 @@ def _item_paths(s: Session, copies: list[PhysicalCopy]) -> dict[int, str]:
 def _lease_held(ctx: Context, copy_id: int) -> Iterator[None]:
     """Keep a fixity check's lease on its copy (``next_attempt_at``, set by the fixity
     manager ``scheduled_timeout_s`` ahead) from running out while the check reads: renewed
-    every third of that from a background thread, so a check longer than the lease (a large
-    copy on slow or tape-backed storage) is not sent again beside itself."""
+    from the start of the read and then every third of that, so a check longer than the lease
+    (a large copy on slow or tape-backed storage) is not sent again beside itself."""
     lease_s = ctx.settings.scheduled_timeout_s
-    stop = threading.Event()
 
     def renew() -> None:
         until = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=lease_s)
@@ -1553,21 +1550,8 @@ def _lease_held(ctx: Context, copy_id: int) -> Iterator[None]:
                 .execution_options(synchronize_session=False)
             )
 
-    def loop() -> None:
-        while not stop.wait(lease_s / 3):
-            try:
-                renew()
-            except Exception as exc:  # the next round tries again; the lease has 2/3 left
-                log.warning("fixity lease of copy %s not renewed: %s", copy_id, exc)
-
-    thread = threading.Thread(target=loop, name=f"fixity lease {copy_id}", daemon=True)
-    renew()  # from the start of the read, not from when the manager queued it
-    thread.start()
-    try:
+    with repeating(renew, lease_s / 3, f"fixity lease {copy_id}"):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)
 
 
 def fixity(ctx: Context, copy_id: int) -> Outcome:

@@ -141,6 +141,25 @@ def _hop_target(session: Session, route: DataTransferRoute, from_site_id: int) -
     return route.destination_site_id
 
 
+def _leg_plan(
+    session: Session, route: DataTransferRoute, origin: DataLocation
+) -> tuple[int, DataLocation, str]:
+    """Where the next leg of ``route`` from ``origin`` ends (site and location) and by which
+    method: a relay leg uses the direct route of its hop when there is one."""
+    target_site = _hop_target(session, route, origin.site_id)
+    if RouteType(route.route_type) == RouteType.CUSTOM and route.destination_location_id:
+        dest = session.get(DataLocation, route.destination_location_id)
+        assert dest is not None
+    else:
+        dest = primary_buffer(session, target_site)
+    method = route.method
+    if target_site != route.destination_site_id or origin.site_id != route.origin_site_id:
+        hop = find_route(session, origin.site_id, target_site)
+        if hop is not None and RouteType(hop.route_type) != RouteType.RELAY:
+            method = hop.method
+    return target_site, dest, method
+
+
 def _new_leg(
     session: Session,
     dtp: DataTransferPackage,
@@ -149,12 +168,7 @@ def _new_leg(
     *,
     secondary: bool,
 ) -> DataTransfer | None:
-    target_site = _hop_target(session, route, origin.site_id)
-    if RouteType(route.route_type) == RouteType.CUSTOM and route.destination_location_id:
-        dest = session.get(DataLocation, route.destination_location_id)
-        assert dest is not None
-    else:
-        dest = primary_buffer(session, target_site)
+    target_site, dest, method = _leg_plan(session, route, origin)
     exists = session.scalar(
         select(DataTransfer.id).where(
             DataTransfer.data_transfer_package_id == dtp.id,
@@ -163,12 +177,6 @@ def _new_leg(
     )
     if exists is not None:
         return None
-    method = route.method
-    if target_site != route.destination_site_id or origin.site_id != route.origin_site_id:
-        # a relay leg: use the direct route of this hop when there is one
-        hop = find_route(session, origin.site_id, target_site)
-        if hop is not None and RouteType(hop.route_type) != RouteType.RELAY:
-            method = hop.method
     leg = DataTransfer(
         data_transfer_package_id=dtp.id,
         route_id=route.id,
@@ -286,18 +294,15 @@ def create_primary_transfer(session: Session, dtp: DataTransferPackage) -> DataT
     if given_up:
         # re-routed: where an earlier leg already delivered the package to this route's relay
         # (one transfer per package and destination), the new way starts from that relay
-        first = _hop_target(session, route, origin.site_id)
-        if first != route.destination_site_id:
-            relay = primary_buffer(session, first)
-            if session.scalar(
-                select(DataTransfer.id).where(
-                    DataTransfer.data_transfer_package_id == dtp.id,
-                    DataTransfer.destination_location_id == relay.id,
-                    DataTransfer.status == Status.COMPLETED,
-                )
-            ):
-                origin = relay
-    if given_up:
+        first, relay, _ = _leg_plan(session, route, origin)
+        if first != route.destination_site_id and session.scalar(
+            select(DataTransfer.id).where(
+                DataTransfer.data_transfer_package_id == dtp.id,
+                DataTransfer.destination_location_id == relay.id,
+                DataTransfer.status == Status.COMPLETED,
+            )
+        ):
+            origin = relay
         moved = _repoint_stuck_leg(session, dtp, route, origin, given_up)
         if moved is not None:
             return moved
@@ -323,17 +328,13 @@ def _repoint_stuck_leg(
     site (the onward leg of a relay whose relay is gone), moved to start at ``origin`` by
     ``route``: there is one transfer per package and destination, and from the gone site it
     could never run. None when there is no such transfer."""
-    target = _hop_target(session, route, origin.site_id)
-    if RouteType(route.route_type) == RouteType.CUSTOM and route.destination_location_id:
-        dest_id = route.destination_location_id
-    else:
-        dest_id = primary_buffer(session, target).id
+    _, dest, method = _leg_plan(session, route, origin)
     stuck = session.scalar(
         select(DataTransfer)
         .join(DataLocation, DataLocation.id == DataTransfer.origin_location_id)
         .where(
             DataTransfer.data_transfer_package_id == dtp.id,
-            DataTransfer.destination_location_id == dest_id,
+            DataTransfer.destination_location_id == dest.id,
             DataTransfer.status.in_((Status.PENDING, Status.FAILED)),
             DataLocation.site_id.in_(given_up),
         )
@@ -346,11 +347,6 @@ def _repoint_stuck_leg(
         f"re-routed by {route.name}: its origin {was.name if was else '?'} at a given-up site "
         f"(was {stuck.status}: {stuck.failure_reason or 'no reason'})"
     )[:1990]
-    method = route.method
-    if target != route.destination_site_id or origin.site_id != route.origin_site_id:
-        hop = find_route(session, origin.site_id, target)  # a relay leg: its hop's method
-        if hop is not None and RouteType(hop.route_type) != RouteType.RELAY:
-            method = hop.method
     stuck.origin_location_id = origin.id
     stuck.route_id = route.id
     stuck.method = method

@@ -15,7 +15,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from ccat_ops_db.enums import Status
@@ -112,17 +112,14 @@ def claim(session: Session, kind: str, record_id: Any) -> Claim | None:
     values: dict[str, Any] = {k.status: Status.IN_PROGRESS, k.claim_count: counter + 1}
     if k.started_at:
         values[k.started_at] = utcnow()
-    result = session.execute(
+    count = session.scalar(
         update(k.model)
         .where(k.model.id == record_id, col == Status.SCHEDULED)
         .values(**values)
+        .returning(counter)
         .execution_options(synchronize_session=False)
     )
-    if not result.rowcount:
-        return None
-    # read under the row lock the UPDATE took: no other claim can come in between
-    count = session.scalar(select(counter).where(k.model.id == record_id))
-    return Claim(int(count or 0))
+    return None if count is None else Claim(int(count))
 
 
 def schedule(session: Session, kind: str, record_id: Any) -> bool:

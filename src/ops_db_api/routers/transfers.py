@@ -24,8 +24,8 @@ from ccat_ops_db.models import (
     Site,
 )
 
-from ..deps import DB, Operator, Paging, Reader, audit, paginate
-from ..errors import ERROR_RESPONSES, ErrorBody, conflict, not_found
+from ..deps import DB, Operator, Paging, Principal, Reader, audit, paginate
+from ..errors import ERROR_RESPONSES, ApiError, ErrorBody, conflict, not_found
 from ..schemas.archive import LogLineOut
 from ..schemas.common import Page
 from ..schemas.transfers import (
@@ -272,6 +272,44 @@ def transfer_logs(transfer_id: TransferId, db: DB, _: Reader, page: Paging) -> P
     )
 
 
+def _state_conflict(t: DataTransfer, rule: str) -> ApiError:
+    """409 for an operator action the transfer's state does not allow; ``rule`` says why."""
+    return conflict(
+        f"data transfer {t.id} is {t.status} (unpack {t.unpack_status}): {rule}",
+        [
+            {
+                "loc": ["status"],
+                "msg": f"transfer {t.status}, unpack {t.unpack_status}",
+                "type": "conflict",
+            }
+        ],
+    )
+
+
+def _commit_action(
+    db: Session,
+    t: DataTransfer,
+    who: Principal,
+    request: Request,
+    level: str,
+    message: str,
+    what: str,
+) -> DataTransferOut:
+    """An operator's action on ``t``: a log line and an audit row in the same transaction,
+    committed; the transfer as it is now."""
+    db.add(
+        DataTransferLog(
+            data_transfer_id=t.id,
+            created_at=dt.datetime.now(dt.UTC),
+            level=level,
+            message=message[:1000],
+        )
+    )
+    audit(db, who, request, 200, "data_transfer", [t.id], detail=what)
+    db.commit()
+    return _transfer_out(_get_transfer(db, t.id))
+
+
 _NOT_RETRYABLE = {
     Status.PENDING: "it is already pending (waiting for the transfer manager)",
     Status.SCHEDULED: "it is scheduled (a task was submitted for it)",
@@ -320,30 +358,20 @@ def retry_transfer(
             why = f"its transfer completed and its unpack {_NOT_RETRYABLE[t.unpack_status]}"
         else:
             why = f"its transfer {_NOT_RETRYABLE[t.status]}"
-        raise conflict(
-            f"data transfer {transfer_id} is {t.status} (unpack {t.unpack_status}): only a "
-            f"failed transfer or a failed unpack can be retried, and {why}",
-            [
-                {
-                    "loc": ["status"],
-                    "msg": f"transfer {t.status}, unpack {t.unpack_status}",
-                    "type": "conflict",
-                }
-            ],
+        raise _state_conflict(
+            t, f"only a failed transfer or a failed unpack can be retried, and {why}"
         )
     t.next_attempt_at = None
-    db.add(
-        DataTransferLog(
-            data_transfer_id=t.id,
-            created_at=dt.datetime.now(dt.UTC),
-            level="info",
-            message=f"{what} retry requested by {who.username} "
-            f"(was failed: {previous or 'no reason recorded'})"[:1000],
-        )
+    return _commit_action(
+        db,
+        t,
+        who,
+        request,
+        "info",
+        f"{what} retry requested by {who.username} "
+        f"(was failed: {previous or 'no reason recorded'})",
+        f"retry {what}",
     )
-    audit(db, who, request, 200, "data_transfer", [t.id], detail=f"retry {what}")
-    db.commit()
-    return _transfer_out(_get_transfer(db, transfer_id))
 
 
 _NOT_CANCELLABLE = {
@@ -387,17 +415,10 @@ def cancel_transfer(
             why = f"its bytes arrived and its unpack is {t.unpack_status}: cancel it once that ends"
         else:
             why = _NOT_CANCELLABLE[t.status]
-        raise conflict(
-            f"data transfer {transfer_id} is {t.status} (unpack {t.unpack_status}): only a "
-            f"pending or failed transfer, or one whose unpack is pending or failed, can be "
-            f"cancelled, and {why}",
-            [
-                {
-                    "loc": ["status"],
-                    "msg": f"transfer {t.status}, unpack {t.unpack_status}",
-                    "type": "conflict",
-                }
-            ],
+        raise _state_conflict(
+            t,
+            "only a pending or failed transfer, or one whose unpack is pending or failed, can "
+            f"be cancelled, and {why}",
         )
     previous = t.unpack_failure_reason if arrived else t.failure_reason
     reason = " ".join(body.reason.split())
@@ -407,16 +428,14 @@ def cancel_transfer(
     t.failure_reason = f"cancelled by {who.username}: {reason}"[:1990]
     if arrived:  # the unpack is given up with it (its last reason goes to the log line)
         t.unpack_failure_reason = t.failure_reason
-    db.add(
-        DataTransferLog(
-            data_transfer_id=t.id,
-            created_at=dt.datetime.now(dt.UTC),
-            level="warning",
-            message=f"transfer cancelled by {who.username}: {reason} "
-            f"(was {'arrived, unpack ' if arrived else ''}"
-            f"{'failed: ' + previous if previous else 'pending'})"[:1000],
-        )
+    return _commit_action(
+        db,
+        t,
+        who,
+        request,
+        "warning",
+        f"transfer cancelled by {who.username}: {reason} "
+        f"(was {'arrived, unpack ' if arrived else ''}"
+        f"{'failed: ' + previous if previous else 'pending'})",
+        f"cancel: {reason}"[:200],
     )
-    audit(db, who, request, 200, "data_transfer", [t.id], detail=f"cancel: {reason}"[:200])
-    db.commit()
-    return _transfer_out(_get_transfer(db, transfer_id))
