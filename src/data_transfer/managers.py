@@ -668,10 +668,16 @@ def recovery(
         for name, kind in state.KINDS.items():
             col = getattr(kind.model, kind.status)
             for rec in s.scalars(
-                select(kind.model).where(
+                select(kind.model)
+                .where(
                     col.in_([Status.IN_PROGRESS, Status.SCHEDULED]),
                     kind.model.updated_at < stale.replace(tzinfo=None),
                 )
+                # locked from the read to the write: a claim, a result or an operator's action
+                # landing in between would otherwise be overwritten by this reset (a SCHEDULED
+                # record claimed meanwhile went back to PENDING and ran twice); a row someone
+                # holds right now is not stalled, and is looked at again next pass
+                .with_for_update(of=kind.model, skip_locked=True)
             ):
                 status = getattr(rec, kind.status)
                 if status == Status.IN_PROGRESS and hb.alive(task_key(name, rec.id)):
@@ -701,12 +707,14 @@ def recovery(
                     setattr(rec, column, None)
                 report.created += 1
         stuck = s.scalars(
-            select(PhysicalCopy).where(
+            select(PhysicalCopy)
+            .where(
                 PhysicalCopy.status.in_(
                     [PhysicalCopyStatus.DELETION_IN_PROGRESS, PhysicalCopyStatus.DELETION_SCHEDULED]
                 ),
                 PhysicalCopy.updated_at < too_long.replace(tzinfo=None),
             )
+            .with_for_update(of=PhysicalCopy, skip_locked=True)  # a result landing meanwhile
         ).all()
         for copy in stuck:
             copy.status = PhysicalCopyStatus.DELETION_FAILED
@@ -735,11 +743,14 @@ def _revive_after_partition(s: Session, settings: TransferSettings, now: dt.date
         return 0
     before = now - dt.timedelta(seconds=settings.partition_retry_s)
     failed = s.scalars(
-        select(DataTransfer).where(
+        select(DataTransfer)
+        .where(
             DataTransfer.status == Status.FAILED,
             DataTransfer.last_failure_at < before,
             or_(*(DataTransfer.failure_reason.startswith(r) for r in state.PARTITION_REASONS)),
         )
+        # an operator's cancel or retry landing between the read and the write is not undone
+        .with_for_update(of=DataTransfer, skip_locked=True)
     ).all()
     for t in failed:
         t.status = Status.PENDING

@@ -578,3 +578,136 @@ def test_a_fixity_check_longer_than_its_lease_is_not_sent_again(stack: Stack) ->
     assert task.payload not in again, again
     with Session(stack.engine) as s:
         assert s.get(m.PhysicalCopy, task.payload).next_attempt_at is None  # lease given back
+
+
+def _while_row_locked(stack: Stack, change: Any, sweep: Any) -> None:
+    """Run ``sweep`` in a thread while another transaction holds a row ``change`` changed; let
+    that transaction commit once the sweep has ended or waits on the row lock (seen in
+    pg_locks, so the old unlocked read-then-write is caught in the act, not by timing)."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sweep()
+        except BaseException as exc:  # reported on the test's thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    with Session(stack.engine) as holder, holder.begin():
+        change(holder)
+        holder.flush()
+        th = threading.Thread(target=run)
+        th.start()
+        deadline = time.monotonic() + 30
+        with stack.engine.connect() as watch:
+            while not done.wait(0.05):
+                waiting = watch.exec_driver_sql(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                ).scalar()
+                watch.rollback()
+                if waiting or time.monotonic() > deadline:
+                    break
+    th.join(30)
+    assert not th.is_alive(), "the sweep did not end once the row was free"
+    if errors:
+        raise errors[0]
+
+
+def test_the_recovery_sweeper_does_not_undo_a_claim_made_while_it_reads(stack: Stack) -> None:
+    """A task that waited long in its queue starts just as the sweeper takes it for never
+    started. Before, the sweeper's reset, written after the claim committed, put the claimed
+    record back to PENDING: it was scheduled again and ran twice side by side. The sweeper now
+    locks what it resets and passes over a row held by someone else."""
+    stack.file_observation(files=2, seed=71)
+    settings = transfer_settings(stack.root, stale_after_s=0.001, scheduled_timeout_s=0.001)
+    ctx = Context(engine=stack.engine, settings=settings)
+    run_pass("raw_data_packages", ctx.engine, ctx.settings, QueueDispatcher())  # not run
+    with Session(stack.engine) as s:
+        pkg_id = s.scalars(select(m.RawDataPackage.id)).one()
+    time.sleep(0.05)
+    claims: list[Any] = []
+    reports: list[managers.PassReport] = []
+    _while_row_locked(
+        stack,
+        lambda s: claims.append(state.claim(s, "raw_data_package", pkg_id)),
+        lambda: reports.append(
+            managers.recovery(ctx.engine, settings, QueueDispatcher(), MemoryHeartbeats())
+        ),
+    )
+    assert claims == [state.Claim(1)]
+    assert reports[0].created == 0, reports[0].notes  # held by its run: not stalled
+    with Session(stack.engine) as s:
+        pkg = s.get(m.RawDataPackage, pkg_id)
+        assert (pkg.status, pkg.claim_count, pkg.retry_count) == (Status.IN_PROGRESS, 1, 0)
+        assert pkg.failure_reason is None
+
+
+def test_a_cancel_made_while_the_sweeper_revives_the_transfer_stands(stack: Stack) -> None:
+    """An operator cancels a transfer FAILED by a gone site just as the recovery sweeper
+    revives it after ``partition_retry_s``. Before, the revival, written after the cancel
+    committed, made it PENDING again: the package went on to the site the operator gave up."""
+    settings = transfer_settings(stack.root, partition_retry_s=60)
+    ctx = Context(engine=stack.engine, settings=settings)
+    stack.file_observation(files=2, seed=72)
+    for _ in range(4):
+        passes(ctx, "raw_data_packages", "transfer_packages")
+    with Session(stack.engine) as s, s.begin():
+        t = s.scalars(select(m.DataTransfer)).one()
+        tid = t.id
+        t.status = Status.FAILED
+        t.failure_reason = "NetworkError: no route to host cologne"
+        t.last_failure_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+
+    def cancel(s: Session) -> None:  # as POST /data_transfers/{id}/cancel does it
+        t = s.get(m.DataTransfer, tid, with_for_update=True)
+        t.status = t.unpack_status = Status.CANCELLED
+        t.failure_reason = "cancelled by ops: the site is gone"
+
+    reports: list[managers.PassReport] = []
+    _while_row_locked(
+        stack,
+        cancel,
+        lambda: reports.append(
+            managers.recovery(ctx.engine, settings, QueueDispatcher(), MemoryHeartbeats())
+        ),
+    )
+    assert reports[0].created == 0, reports[0].notes
+    with Session(stack.engine) as s:
+        t = s.get(m.DataTransfer, tid)
+        assert t.status == Status.CANCELLED, (t.status, t.failure_reason)
+        assert t.failure_reason == "cancelled by ops: the site is gone"
+    # and the next pass leaves it alone too: a cancelled transfer is never revived
+    report = managers.recovery(ctx.engine, settings, QueueDispatcher(), MemoryHeartbeats())
+    assert report.created == 0
+
+
+def test_a_deletion_that_ends_while_the_sweeper_reads_stays_recorded(stack: Stack) -> None:
+    """A deletion task records DELETED just as the sweeper takes it for stuck. Before, the
+    sweeper's DELETION_FAILED, written after the result committed, said a deleted file was
+    still there (and sent it to be deleted again)."""
+    stack.file_observation(files=1, seed=73)
+    settings = transfer_settings(stack.root, scheduled_timeout_s=0.001)
+    with Session(stack.engine) as s, s.begin():
+        copy = s.scalars(select(m.PhysicalCopy)).first()
+        copy_id = copy.id
+        copy.status = PhysicalCopyStatus.DELETION_IN_PROGRESS
+    time.sleep(0.05)
+
+    def deleted(s: Session) -> None:  # as operations.delete_copies records its result
+        c = s.get(m.PhysicalCopy, copy_id, with_for_update=True)
+        c.status, c.deleted_at = PhysicalCopyStatus.DELETED, dt.datetime.now(dt.UTC)
+
+    reports: list[managers.PassReport] = []
+    _while_row_locked(
+        stack,
+        deleted,
+        lambda: reports.append(
+            managers.recovery(stack.engine, settings, QueueDispatcher(), MemoryHeartbeats())
+        ),
+    )
+    assert reports[0].created == 0, reports[0].notes
+    with Session(stack.engine) as s:
+        c = s.get(m.PhysicalCopy, copy_id)
+        assert (c.status, c.failure_reason) == (PhysicalCopyStatus.DELETED, None)
