@@ -53,9 +53,10 @@ Verify, then commit
 ``build_package`` writes ``<dest>.part-<random>`` and renames it into place only when every
 file matched. ``extract_package`` writes each member to ``<final>.part-<random>``, and renames
 the files into place only after the whole tar has been read and every check has passed; on any
-failure it removes its temporary files, what it renamed and the directories it created, so
-nothing is left under a final name. Final names that already exist are replaced atomically by
-verified content (re-running an extraction is safe).
+failure it removes its temporary files, what it renamed to names that were free and the
+directories it created. Final names that already exist are replaced atomically by verified
+content (re-running an extraction is safe); a failure part way through the renames leaves a
+replaced name with its new, verified content, never with nothing.
 """
 
 from __future__ import annotations
@@ -804,7 +805,8 @@ def extract_package(
     matched (manifest present and consistent, no member missing or extra, every checksum, with
     ``nested=True`` every inner package's files, and ``expected_checksum`` when given) are the
     files synced and renamed to their final names, replacing what is there. On failure nothing
-    this call wrote remains (temporary files, renamed files, directories it created) and
+    this call wrote remains (temporary files, files renamed to names that were free,
+    directories it created; a file that replaced one keeps its verified content) and
     :class:`ChecksumMismatchError` or :class:`UnpackError` names the member. Absolute names,
     ``..``, links, devices and a symbolic link inside ``dest_dir`` on the way to a member are
     refused.
@@ -1264,14 +1266,20 @@ class _Staging:
     def commit(self) -> None:
         dirs: set[Path] = {d.parent for d in self.created_dirs}
         for part, final in self.parts:
+            existed = os.path.lexists(final)
             os.replace(part, final)
-            self.renamed.append(final)
+            if not existed:  # a replaced file's old bytes are gone: its new ones stay
+                self.renamed.append(final)
             dirs.add(final.parent)
         if self.fsync:
             for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
                 _fsync_dir(d)
 
     def rollback(self) -> None:
+        """Remove the temporary files, the files committed under names that were free and the
+        directories made. A file that replaced one already there keeps its new, verified bytes:
+        the old ones went with the rename, and unlinking would leave nothing at a name that
+        may be a recorded copy."""
         for part, _ in self.parts:
             part.unlink(missing_ok=True)
         for final in self.renamed:

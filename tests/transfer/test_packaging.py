@@ -652,6 +652,35 @@ def test_failure_while_committing_removes_what_was_renamed(
     assert leftovers(out) == []
 
 
+def test_failure_while_committing_keeps_the_files_it_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second extraction over the first fails part way through its renames: the names it
+    already replaced keep the new, verified bytes. Before, the rollback unlinked them, so a
+    file that was there (maybe a recorded copy) was gone."""
+    members = mixed_tree(tmp_path)
+    build_package(tmp_path / "p.tar", "p", members)
+    out = tmp_path / "out"
+    extract_package(tmp_path / "p.tar", out)
+    real_replace = os.replace
+    renamed: list[str] = []
+
+    def replace_then_fail(src: str, dst: str) -> None:
+        if len(renamed) == 3:
+            raise OSError(5, "Input/output error (simulated)")
+        renamed.append(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_fail)
+    with pytest.raises(OSError, match="simulated"):
+        extract_package(tmp_path / "p.tar", out)
+    monkeypatch.undo()
+    assert len(renamed) == 3
+    for m in members:
+        assert (out / m.arcname).read_bytes() == m.source.read_bytes(), m.arcname
+    assert not [p for p in out.rglob("*") if ".part-" in p.name]
+
+
 # --------------------------------------------------------------------------------------------
 # nested: data transfer packages
 
