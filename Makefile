@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_DIR ?= .ccat-demo
 PYTEST_ARGS ?=
+# make test runs its files on this many pytest-xdist workers (each file on one worker, with its
+# own PostgreSQL, Redis and S3 servers); TEST_WORKERS=0 runs them in this process
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 E2E_ARGS ?=
 
@@ -54,7 +57,8 @@ format: install
 
 # tests/chaos and tests/security are the long reliability/security suite: `make chaos` runs them.
 test: lint
-	$(BIN)/pytest --ignore=tests/chaos --ignore=tests/security $(PYTEST_ARGS)
+	$(BIN)/pytest --ignore=tests/chaos --ignore=tests/security -n $(TEST_WORKERS) --dist loadfile \
+	    $(PYTEST_ARGS)
 
 chaos: install
 	$(BIN)/pytest tests/chaos tests/security $(PYTEST_ARGS)

@@ -12,6 +12,7 @@
 #   bash playbooks/molecule.sh                  # everything
 #   ROLES="redis postgresql" bash playbooks/molecule.sh
 #   LINT=0 bash playbooks/molecule.sh           # skip the linters
+#   MOLECULE_JOBS=1 bash playbooks/molecule.sh  # one role at a time (default: 2 at a time)
 # Logs: $MOLECULE_LOG_DIR (default /tmp/ccat-molecule-logs), one file per check.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -21,6 +22,7 @@ LOGS=${MOLECULE_LOG_DIR:-${TMPDIR:-/tmp}/ccat-molecule-logs}
 # The order converges the roles the later ones build on first (a failure shows up early).
 ROLES=${ROLES:-ccat_common redis postgresql ops_db_api transfer_agent}
 LINT=${LINT:-1}
+JOBS=${MOLECULE_JOBS:-2}
 # Versions this was tested with; the `ansible` package brings the collections (no Galaxy).
 TOOLS=(ansible==12.3.0 ansible-core==2.19.14 ansible-lint==26.10.1 molecule==26.10.0
     molecule-plugins[docker]==26.10.12 yamllint==1.38.0 docker==7.2.0)
@@ -58,9 +60,32 @@ if [ "$LINT" = 1 ]; then
     run yamllint yamllint --strict .
     run ansible-lint ansible-lint --offline --profile production
 fi
+# The role scenarios run $JOBS at a time (each in its own container, with its own log); their
+# results are reported in the order above once all have ended.
 for role in $ROLES; do
     [ -d "roles/$role/molecule/default" ] || die "roles/$role has no molecule scenario"
-    run "molecule:$role" bash -c "cd roles/$role && molecule test"
+done
+for role in $ROLES; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    log="$LOGS/molecule-$role.log"
+    rm -f "$log.result"
+    echo "molecule.sh: molecule:$role started (log: $log)"
+    (
+        t0=$(date +%s)
+        (cd "roles/$role" && molecule test) >"$log" 2>&1
+        echo "$? $(($(date +%s) - t0))" >"$log.result"
+    ) &
+done
+wait
+for role in $ROLES; do
+    log="$LOGS/molecule-$role.log"
+    read -r rc secs <"$log.result" 2>/dev/null || { rc=1 secs=0; }
+    names+=("molecule:$role")
+    times+=("$secs")
+    if [ "$rc" -eq 0 ]; then results+=(passed); else results+=(FAILED); fi
+    printf 'molecule.sh: %-28s ... %s (%s s, log: %s)\n' "molecule:$role" "${results[-1]}" \
+        "$secs" "$log"
+    if [ "$rc" -ne 0 ]; then tail -n 40 "$log" | sed 's/^/    /'; fi
 done
 
 printf '\n%-28s %-8s %8s\n' check result duration

@@ -337,7 +337,7 @@ def test_list_filters_and_paging_bounds(api: ApiServer) -> None:
 
 WRITE_ROUTES = [
     ("POST", "/api/v1/executed_obs_units/start", "file"),
-    ("PUT", f"/api/v1/executed_obs_units/{uuid.uuid4()}/finish", "file"),
+    ("PUT", "/api/v1/executed_obs_units/6f1c0b8e-2d4a-4c5e-9b7a-3e8f0a1d2c4b/finish", "file"),
     ("POST", "/api/v1/raw_data_files", "file"),
     ("POST", "/api/v1/raw_data_files/bulk", "file"),
 ]
