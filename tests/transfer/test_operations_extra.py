@@ -32,6 +32,7 @@ from data_transfer.metrics import PipelineCollector
 from data_transfer.movers import mover_for
 from data_transfer.operations import Context
 from data_transfer.queues import discover_queues
+from data_transfer.settings import TransferSettings
 from tests.transfer.stack import Stack, passes, transfer_settings
 from tests.transfer.test_pipeline import check_archive_bytes, run_until_quiet
 
@@ -353,7 +354,6 @@ def test_unpack_retries_back_off_like_the_others() -> None:
     minute's hiccup on the destination disk used up every retry in one go."""
     from data_transfer import state
     from data_transfer.errors import StorageError
-    from data_transfer.settings import TransferSettings
 
     settings = TransferSettings(retry_backoff_s=600)
     t = m.DataTransfer(
@@ -580,16 +580,22 @@ def test_a_fixity_check_longer_than_its_lease_is_not_sent_again(stack: Stack) ->
         assert s.get(m.PhysicalCopy, task.payload).next_attempt_at is None  # lease given back
 
 
-def _while_row_locked(stack: Stack, change: Any, sweep: Any) -> None:
-    """Run ``sweep`` in a thread while another transaction holds a row ``change`` changed; let
-    that transaction commit once the sweep has ended or waits on the row lock (seen in
-    pg_locks, so the old unlocked read-then-write is caught in the act, not by timing)."""
+def _sweep_while_row_locked(
+    stack: Stack, change: Any, settings: TransferSettings
+) -> managers.PassReport:
+    """Run one recovery pass in a thread while another transaction holds a row ``change``
+    changed; let that transaction commit once the pass has ended or waits on the row lock (seen
+    in pg_locks, so the old unlocked read-then-write is caught in the act, not by timing).
+    Returns the pass's report."""
     done = threading.Event()
     errors: list[BaseException] = []
+    reports: list[managers.PassReport] = []
 
     def run() -> None:
         try:
-            sweep()
+            reports.append(
+                managers.recovery(stack.engine, settings, QueueDispatcher(), MemoryHeartbeats())
+            )
         except BaseException as exc:  # reported on the test's thread
             errors.append(exc)
         finally:
@@ -613,6 +619,7 @@ def _while_row_locked(stack: Stack, change: Any, sweep: Any) -> None:
     assert not th.is_alive(), "the sweep did not end once the row was free"
     if errors:
         raise errors[0]
+    return reports[0]
 
 
 def test_the_recovery_sweeper_does_not_undo_a_claim_made_while_it_reads(stack: Stack) -> None:
@@ -628,16 +635,11 @@ def test_the_recovery_sweeper_does_not_undo_a_claim_made_while_it_reads(stack: S
         pkg_id = s.scalars(select(m.RawDataPackage.id)).one()
     time.sleep(0.05)
     claims: list[Any] = []
-    reports: list[managers.PassReport] = []
-    _while_row_locked(
-        stack,
-        lambda s: claims.append(state.claim(s, "raw_data_package", pkg_id)),
-        lambda: reports.append(
-            managers.recovery(ctx.engine, settings, QueueDispatcher(), MemoryHeartbeats())
-        ),
+    report = _sweep_while_row_locked(
+        stack, lambda s: claims.append(state.claim(s, "raw_data_package", pkg_id)), settings
     )
     assert claims == [state.Claim(1)]
-    assert reports[0].created == 0, reports[0].notes  # held by its run: not stalled
+    assert report.created == 0, report.notes  # held by its run: not stalled
     with Session(stack.engine) as s:
         pkg = s.get(m.RawDataPackage, pkg_id)
         assert (pkg.status, pkg.claim_count, pkg.retry_count) == (Status.IN_PROGRESS, 1, 0)
@@ -665,15 +667,8 @@ def test_a_cancel_made_while_the_sweeper_revives_the_transfer_stands(stack: Stac
         t.status = t.unpack_status = Status.CANCELLED
         t.failure_reason = "cancelled by ops: the site is gone"
 
-    reports: list[managers.PassReport] = []
-    _while_row_locked(
-        stack,
-        cancel,
-        lambda: reports.append(
-            managers.recovery(ctx.engine, settings, QueueDispatcher(), MemoryHeartbeats())
-        ),
-    )
-    assert reports[0].created == 0, reports[0].notes
+    report = _sweep_while_row_locked(stack, cancel, settings)
+    assert report.created == 0, report.notes
     with Session(stack.engine) as s:
         t = s.get(m.DataTransfer, tid)
         assert t.status == Status.CANCELLED, (t.status, t.failure_reason)
@@ -699,15 +694,8 @@ def test_a_deletion_that_ends_while_the_sweeper_reads_stays_recorded(stack: Stac
         c = s.get(m.PhysicalCopy, copy_id, with_for_update=True)
         c.status, c.deleted_at = PhysicalCopyStatus.DELETED, dt.datetime.now(dt.UTC)
 
-    reports: list[managers.PassReport] = []
-    _while_row_locked(
-        stack,
-        deleted,
-        lambda: reports.append(
-            managers.recovery(stack.engine, settings, QueueDispatcher(), MemoryHeartbeats())
-        ),
-    )
-    assert reports[0].created == 0, reports[0].notes
+    report = _sweep_while_row_locked(stack, deleted, settings)
+    assert report.created == 0, report.notes
     with Session(stack.engine) as s:
         c = s.get(m.PhysicalCopy, copy_id)
         assert (c.status, c.failure_reason) == (PhysicalCopyStatus.DELETED, None)

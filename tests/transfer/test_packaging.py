@@ -630,25 +630,33 @@ def test_failed_extract_then_good_extract(tmp_path: Path) -> None:
     extract_package(tmp_path / "p.tar", out, expected_checksum=result.checksum)
 
 
-def test_failure_while_committing_removes_what_was_renamed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _extract_failing_at_rename(
+    monkeypatch: pytest.MonkeyPatch, tar: Path, out: Path, good: int, error: str
 ) -> None:
-    build_package(tmp_path / "p.tar", "p", mixed_tree(tmp_path))
-    out = tmp_path / "out"
+    """Extract ``tar`` into ``out`` with ``os.replace`` failing (``error``) after ``good``
+    renames; check that the extraction raised it and that exactly ``good`` renames happened."""
     real_replace = os.replace
     renamed: list[str] = []
 
     def replace_then_fail(src: str, dst: str) -> None:
-        if len(renamed) == 3:
-            raise OSError(28, "No space left on device (simulated)")
+        if len(renamed) == good:
+            raise OSError(5, f"{error} (simulated)")
         renamed.append(str(dst))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace_then_fail)
     with pytest.raises(OSError, match="simulated"):
-        extract_package(tmp_path / "p.tar", out)
+        extract_package(tar, out)
     monkeypatch.undo()
-    assert len(renamed) == 3
+    assert len(renamed) == good
+
+
+def test_failure_while_committing_removes_what_was_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_package(tmp_path / "p.tar", "p", mixed_tree(tmp_path))
+    out = tmp_path / "out"
+    _extract_failing_at_rename(monkeypatch, tmp_path / "p.tar", out, 3, "No space left on device")
     assert leftovers(out) == []
 
 
@@ -662,20 +670,7 @@ def test_failure_while_committing_keeps_the_files_it_replaced(
     build_package(tmp_path / "p.tar", "p", members)
     out = tmp_path / "out"
     extract_package(tmp_path / "p.tar", out)
-    real_replace = os.replace
-    renamed: list[str] = []
-
-    def replace_then_fail(src: str, dst: str) -> None:
-        if len(renamed) == 3:
-            raise OSError(5, "Input/output error (simulated)")
-        renamed.append(str(dst))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace_then_fail)
-    with pytest.raises(OSError, match="simulated"):
-        extract_package(tmp_path / "p.tar", out)
-    monkeypatch.undo()
-    assert len(renamed) == 3
+    _extract_failing_at_rename(monkeypatch, tmp_path / "p.tar", out, 3, "Input/output error")
     for m in members:
         assert (out / m.arcname).read_bytes() == m.source.read_bytes(), m.arcname
     assert not [p for p in out.rglob("*") if ".part-" in p.name]
