@@ -1198,8 +1198,11 @@ def stage(ctx: Context, job_id: int) -> Outcome:
             done.append((pid, rel, result.bytes, result.checksum))
 
         def commit(s: Session) -> str:
-            job = s.get(StagingJob, job_id)
+            job = s.get(StagingJob, job_id, with_for_update=True)
             assert job is not None
+            # cancelled by its requester while this run copied (the recovery sweeper had
+            # taken the run for dead and reset the job, which made it cancellable)
+            given_up = job.status == Status.FAILED and not job.active
             now_there = _staged_copies(s, [d[0] for d in done], dest_id, lock=True)
             names = {i[0]: i[1] for i in items}
             replaced: list[str] = []
@@ -1262,13 +1265,22 @@ def stage(ctx: Context, job_id: int) -> Outcome:
                         relative_path=f"{rel}/{frel}",
                         checksum_verified_at=stamp,
                     )
-            state.complete(job, "staging_job")
             msg = f"staged {len(done)} packages to {dst.label}/staging/"
             if reused:
                 msg += f" ({len(reused)} already there: {', '.join(reused[:3])})"
             if replaced:
                 msg += f" (converted from the other form: {', '.join(replaced[:3])})"
-            _add_log(s, "staging_job", job_id, "info", msg, None)
+            if given_up:
+                # the copies are recorded (the database keeps agreeing with the disk) and go
+                # like any copy no active job needs; the job stays cancelled
+                msg = (
+                    f"a run that ended after the job was cancelled ({job.failure_reason}) "
+                    f"{msg}; kept as copies no active job needs"
+                )
+                _add_log(s, "staging_job", job_id, "warning", msg, None)
+            else:
+                state.complete(job, "staging_job")
+                _add_log(s, "staging_job", job_id, "info", msg, None)
             # the other form's files go once no row describes them (after this commit; a
             # crash in between leaves files behind, never a row without its files)
             s.info.setdefault("after_commit", []).extend(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -303,3 +304,62 @@ def _assert_waits(stack: Stack, job_id: int, why: str) -> None:
 def _name(stack: Stack, package_id: int) -> str:
     with Session(stack.engine) as s:
         return s.get(m.RawDataPackage, package_id).name
+
+
+def test_a_run_that_ends_after_its_job_was_cancelled_leaves_the_job_cancelled(
+    stack: Stack,
+) -> None:
+    """The recovery sweeper took a long staging run for dead (PENDING again) and the requester
+    cancelled the job; then the old run finished its copy. Before, its commit marked the
+    cancelled job COMPLETED: the cancel and its reason were gone, and the job read as staged
+    for use. Now the copy it made is recorded (the database agrees with the disk), the job
+    stays cancelled, the log says what happened, and the copy goes like any copy no active job
+    needs."""
+    ctx = ctx_for(stack)
+    stack.file_observation(files=3, seed=6, sizes=(1_000, 5_000))
+    (pkg,) = archived(stack, ctx)
+    job_id = new_job(stack, [pkg])
+
+    real_factory = ctx.mover_factory
+
+    class CancelledWhileCopying:
+        """The mover, with the sweeper's reset and the cancel landing during its copy."""
+
+        def __init__(self, mover: Any) -> None:
+            self.mover = mover
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.mover, name)
+
+        def copy(self, *args: Any, **kwargs: Any) -> Any:
+            with Session(stack.engine) as s, s.begin():
+                job = s.get(m.StagingJob, job_id, with_for_update=True)
+                assert job.status == Status.IN_PROGRESS
+                job.status = Status.PENDING  # the sweeper: no heartbeat, reset
+                job.status = Status.FAILED  # the cancel route, on the PENDING job
+                job.failure_reason = "cancelled by ops"
+                job.finished_at = dt.datetime.now(dt.UTC)
+                job.active = False
+            return self.mover.copy(*args, **kwargs)
+
+    ctx = Context(
+        engine=ctx.engine,
+        settings=ctx.settings,
+        mover_factory=lambda *a: CancelledWhileCopying(real_factory(*a)),
+    )
+    assert passes(ctx, "staging") == ["done"]
+    with Session(stack.engine) as s:
+        job = s.get(m.StagingJob, job_id)
+        assert (job.status, job.failure_reason, job.active) == (
+            Status.FAILED,
+            "cancelled by ops",
+            False,
+        )
+        logs = [x.message for x in s.scalars(select(m.DataTransferLog))]
+        assert any("after the job was cancelled" in x for x in logs), logs
+    assert staged_files_match(stack, pkg) == 3  # recorded, at its place
+
+    passes(ctx, "deletion")  # no active job needs it
+    with Session(stack.engine) as s:
+        assert ramses_copy(s, stack, pkg).status == PhysicalCopyStatus.DELETED
+    assert not any(p.is_file() for p in stack.roots["cologne/ramses"].rglob("*"))
