@@ -357,6 +357,12 @@ BAD_FILES = [
     ),
     ("bad_syntax.yaml", 10, "sites[0].locations[0]", "invalid YAML: mapping values"),
     ("bad_scope_midway.yaml", 32, "roles[1].scopes[0]", "unknown scope 'write'"),
+    (
+        "bad_route_option.yaml",
+        23,
+        "routes[0].options.stream",
+        "unknown option 'stream' for bbcp routes; did you mean 'streams'?",
+    ),
 ]
 
 

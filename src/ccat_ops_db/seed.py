@@ -48,6 +48,7 @@ from . import models as m
 from .enums import LocationType, RouteType, StorageType, TransferMethod
 from .models.access import KNOWN_SCOPES
 from .models.base import utcnow
+from .route_options import unknown_route_options
 
 #: A path into the YAML document: mapping keys and sequence indexes.
 YamlPath = tuple[str | int, ...]
@@ -698,6 +699,8 @@ def _semantic_problems(t: Topology) -> list[tuple[YamlPath, str]]:
                         f"(its locations: {', '.join(names) or 'none'})",
                     )
                 )
+        for name, problem in unknown_route_options(r.method, r.options):
+            add(((*rp, "options", name), problem))
         if r.origin == r.destination:
             add(((*rp, "destination"), f"same site as origin ({r.origin!r})"))
         if r.route_type == RouteType.RELAY:
@@ -749,7 +752,8 @@ def load_topology(path: str | Path) -> Topology:
 
     Raises :class:`TopologyError` listing every problem found (``file:line: field: problem``):
     YAML syntax, unknown keys, missing or mistyped fields, bad enum values, duplicate names,
-    routes to unknown sites or locations, unknown scopes. A missing file is a TopologyError too.
+    routes to unknown sites or locations, unknown route options, unknown scopes. A missing
+    file is a TopologyError too.
     """
     name = str(path)
     try:

@@ -38,6 +38,7 @@ from ccat_ops_db.models import (
     DataTransferRoute,
     Site,
 )
+from ccat_ops_db.route_options import unknown_route_options
 
 from .errors import ConfigurationError
 
@@ -197,7 +198,11 @@ def _new_leg(
 
 def leg_options(session: Session, transfer: DataTransfer) -> dict:
     """The mover options of one leg: a relay leg uses its hop's direct route (the same route
-    its method came from), every other leg its own route's options."""
+    its method came from), every other leg its own route's options.
+
+    Raises ConfigurationError naming the route when its options hold a name its method does
+    not know (a database seeded before the topology loader checked them): the transfer fails
+    with that reason instead of running without the option."""
     route = transfer.route
     if route is None:
         return {}
@@ -206,7 +211,14 @@ def leg_options(session: Session, transfer: DataTransfer) -> dict:
     if RouteType(route.route_type) == RouteType.RELAY and origin is not None and dest is not None:
         hop = find_route(session, origin.site_id, dest.site_id)
         if hop is not None and RouteType(hop.route_type) != RouteType.RELAY:
-            return dict(hop.options or {})
+            route = hop
+    # the leg's method is its route's (for a relay leg: its hop's), the mover's choice
+    problems = unknown_route_options(transfer.method, route.options)
+    if problems:
+        raise ConfigurationError(
+            f"route {route.name}: {'; '.join(p for _, p in problems)} "
+            "(correct routes[].options in the topology file and run ccat-ops-db seed)"
+        )
     return dict(route.options or {})
 
 

@@ -1,0 +1,104 @@
+"""Route options: the names each method's mover reads, checked when the topology is loaded
+(tests/test_seed.py) and again when a transfer starts from a route stored before that check.
+
+The first test reads the movers' source: a new option a mover reads must be listed in
+``ccat_ops_db.route_options`` (or the loader would reject it), and a listed name must be read
+by some mover (or a typo there would pass the check)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+import data_transfer.movers as movers_pkg
+from ccat_ops_db import models as m
+from ccat_ops_db.enums import Status, TransferMethod
+from ccat_ops_db.route_options import ROUTE_OPTIONS, unknown_route_options
+from data_transfer.inline import QueueDispatcher
+from data_transfer.managers import run_pass
+
+from .stack import Stack
+from .test_pipeline import ctx_for
+
+MOVERS = Path(movers_pkg.__file__).parent
+#: ``opts.get("name"``, ``options.get("name"``, ``flag("name"`` in a mover's source
+READ = re.compile(r"""(?:\bget|\bflag)\(\s*["']([a-z_]+)["']""")
+
+
+def _read_in(*files: str) -> set[str]:
+    return {n for f in files for n in READ.findall((MOVERS / f).read_text())}
+
+
+def test_every_option_a_mover_reads_is_listed_for_its_method_and_no_other() -> None:
+    read = {
+        TransferMethod.LOCAL: _read_in("local.py"),
+        TransferMethod.RSYNC: _read_in("rsync.py"),
+        # bbcp builds on the ssh parts of rsync.py (SshConfig, SshFileMover), not on
+        # RsyncMover, whose own options are these
+        TransferMethod.BBCP: _read_in("bbcp.py")
+        | (
+            _read_in("rsync.py")
+            - {"timeout", "bwlimit", "rsync_path", "remote_rsync_path"}
+            - {"partial_dir"}
+        ),
+        TransferMethod.S3: _read_in("s3.py"),
+    }
+    for method, names in read.items():
+        assert names, f"no option reads found in the {method.value} mover: the pattern is stale"
+        unlisted, unread = names - ROUTE_OPTIONS[method], ROUTE_OPTIONS[method] - names
+        assert not unlisted, f"{method.value} mover reads {sorted(unlisted)}: list them"
+        assert not unread, f"{method.value} routes list {sorted(unread)}: no mover reads them"
+
+
+def test_unknown_names_get_a_suggestion_or_the_method_that_knows_them() -> None:
+    assert unknown_route_options("rsync", {"bwlimit": "50m", "ssh_timeout": 30}) == []
+    assert unknown_route_options(TransferMethod.S3, None) == []
+    problems = dict(
+        unknown_route_options("rsync", {"bwlimt": "50m", "streams": 8, "colour": "blue"})
+    )
+    assert problems == {
+        "bwlimt": "unknown option 'bwlimt' for rsync routes; did you mean 'bwlimit'?",
+        "streams": "unknown option 'streams' for rsync routes (it is an option of bbcp routes)",
+        "colour": problems["colour"],
+    }
+    assert problems["colour"].startswith("unknown option 'colour' for rsync routes (known: ")
+    assert "partial_dir" in problems["colour"]
+
+
+def test_a_stored_route_with_an_unknown_option_fails_its_transfer_with_the_reason(
+    stack: Stack,
+) -> None:
+    """A database seeded before the loader checked options: the transfer does not run without
+    the option; it fails at once (no retry can help) with a reason naming the route."""
+    stack.file_observation(files=2, seed=91)
+    ctx = ctx_for(stack, max_retries=3)
+    d = QueueDispatcher()
+    for name in ("raw_data_packages", "transfer_packages", "transfer_packages"):
+        run_pass(name, ctx.engine, ctx.settings, d)
+        d.drain(ctx)
+    with Session(stack.engine) as s, s.begin():
+        route = s.scalar(
+            select(m.DataTransferRoute).where(m.DataTransferRoute.name == "ccat_to_cologne")
+        )
+        assert route.method == TransferMethod.LOCAL  # the test stack's routes
+        route.options = {"overwrite": False, "chunk_sise": 4 << 20}
+    for _ in range(3):
+        run_pass("transfers", ctx.engine, ctx.settings, d)
+        d.drain(ctx)
+    with Session(stack.engine) as s:
+        t = s.scalars(select(m.DataTransfer)).one()
+        assert (t.status, t.retry_count) == (Status.FAILED, 1), t.failure_reason
+        assert t.failure_reason.startswith(
+            "ConfigurationError: route ccat_to_cologne: unknown option 'chunk_sise' for local "
+            "routes; did you mean 'chunk_size'? (correct routes[].options in the topology file"
+        ), t.failure_reason
+        copies = s.scalars(
+            select(m.PhysicalCopy).where(
+                m.PhysicalCopy.data_transfer_package_id == t.data_transfer_package_id,
+                m.PhysicalCopy.data_location_id == t.destination_location_id,
+            )
+        ).all()
+        assert copies == []
