@@ -244,3 +244,47 @@ def test_configuration_errors(s3_location: LocationRef, tmp_path: Path) -> None:
         S3Mover().copy(disk(tmp_path / "a"), "x", disk(tmp_path / "b"), "x")
     with pytest.raises(ConfigurationError):
         S3Mover().copy(disk(tmp_path / "a"), "../x", s3_location, "x")
+
+
+@pytest.mark.parametrize(("setting", "sent"), [(None, True), ("when_required", False)])
+def test_request_checksums_follow_the_worker_environment(
+    setting: str | None,
+    sent: bool,
+    s3_location: LocationRef,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """botocore adds a checksum of every PutObject / UploadPart body, which the server checks
+    on receipt: bytes damaged on the way are refused there. Some S3-compatible stores refuse
+    those headers instead; ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` in the worker's
+    environment turns them off (the mover's client configuration leaves the choice to the
+    environment), and the whole-object checksum is still compared before the upload completes
+    and recorded in the object's metadata."""
+    if setting is None:
+        monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    else:
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", setting)
+    mover = S3Mover({"part_size": PART})
+    client = mover.client(s3_location)
+    seen: dict[str, list[str]] = {}
+
+    def record(request: Any, event_name: str, **_: Any) -> None:
+        names = [h.lower() for h in request.headers]
+        seen.setdefault(event_name.rsplit(".", 1)[1], []).extend(
+            n
+            for n in names
+            if ("checksum" in n and not n.startswith("x-amz-meta-")) or n == "x-amz-trailer"
+        )
+
+    for op in ("PutObject", "UploadPart"):
+        client.meta.events.register(f"before-send.s3.{op}", record)
+    small, big = os.urandom(1000), os.urandom(PART + 10)  # one put, two parts
+    put(tmp_path / "buf", "small.bin", small)
+    put(tmp_path / "buf", "big.bin", big)
+    for rel, data in (("small.bin", small), ("big.bin", big)):
+        digest = hashlib.sha256(data).hexdigest()
+        result = mover.copy(disk(tmp_path / "buf"), rel, s3_location, rel, expected_checksum=digest)
+        assert result.checksum == digest
+    assert set(seen) == {"PutObject", "UploadPart"}, seen
+    for op, headers in seen.items():
+        assert bool(headers) is sent, (op, headers)
