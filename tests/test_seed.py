@@ -363,6 +363,12 @@ BAD_FILES = [
         "routes[0].options.stream",
         "unknown option 'stream' for bbcp routes; did you mean 'streams'?",
     ),
+    (
+        "bad_route_option_value.yaml",
+        23,
+        "routes[0].options.streams",
+        "must be a whole number >= 1 (got 'eight')",
+    ),
 ]
 
 

@@ -48,7 +48,7 @@ from . import models as m
 from .enums import LocationType, RouteType, StorageType, TransferMethod
 from .models.access import KNOWN_SCOPES
 from .models.base import utcnow
-from .route_options import unknown_route_options
+from .route_options import route_option_problems
 
 #: A path into the YAML document: mapping keys and sequence indexes.
 YamlPath = tuple[str | int, ...]
@@ -699,7 +699,7 @@ def _semantic_problems(t: Topology) -> list[tuple[YamlPath, str]]:
                         f"(its locations: {', '.join(names) or 'none'})",
                     )
                 )
-        for name, problem in unknown_route_options(r.method, r.options):
+        for name, problem in route_option_problems(r.method, r.options):
             add(((*rp, "options", name), problem))
         if r.origin == r.destination:
             add(((*rp, "destination"), f"same site as origin ({r.origin!r})"))

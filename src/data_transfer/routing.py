@@ -38,7 +38,7 @@ from ccat_ops_db.models import (
     DataTransferRoute,
     Site,
 )
-from ccat_ops_db.route_options import unknown_route_options
+from ccat_ops_db.route_options import route_option_problems
 
 from .errors import ConfigurationError
 
@@ -201,8 +201,8 @@ def leg_options(session: Session, transfer: DataTransfer) -> dict:
     its method came from), every other leg its own route's options.
 
     Raises ConfigurationError naming the route when its options hold a name its method does
-    not know (a database seeded before the topology loader checked them): the transfer fails
-    with that reason instead of running without the option."""
+    not know or a value not of its kind (a database seeded before the topology loader checked
+    them): the transfer fails with that reason instead of running without the option."""
     route = transfer.route
     if route is None:
         return {}
@@ -213,10 +213,10 @@ def leg_options(session: Session, transfer: DataTransfer) -> dict:
         if hop is not None and RouteType(hop.route_type) != RouteType.RELAY:
             route = hop
     # the leg's method is its route's (for a relay leg: its hop's), the mover's choice
-    problems = unknown_route_options(transfer.method, route.options)
+    problems = route_option_problems(transfer.method, route.options)
     if problems:
         raise ConfigurationError(
-            f"route {route.name}: {'; '.join(p for _, p in problems)} "
+            f"route {route.name}: {'; '.join(f'options.{n}: {p}' for n, p in problems)} "
             "(correct routes[].options in the topology file and run ccat-ops-db seed)"
         )
     return dict(route.options or {})

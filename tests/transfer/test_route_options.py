@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 import data_transfer.movers as movers_pkg
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import Status, TransferMethod
-from ccat_ops_db.route_options import ROUTE_OPTIONS, unknown_route_options
+from ccat_ops_db.route_options import ROUTE_OPTIONS, route_option_problems
 from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
 
@@ -48,16 +48,19 @@ def test_every_option_a_mover_reads_is_listed_for_its_method_and_no_other() -> N
     }
     for method, names in read.items():
         assert names, f"no option reads found in the {method.value} mover: the pattern is stale"
-        unlisted, unread = names - ROUTE_OPTIONS[method], ROUTE_OPTIONS[method] - names
+        unlisted, unread = (
+            names - ROUTE_OPTIONS[method].keys(),
+            ROUTE_OPTIONS[method].keys() - names,
+        )
         assert not unlisted, f"{method.value} mover reads {sorted(unlisted)}: list them"
         assert not unread, f"{method.value} routes list {sorted(unread)}: no mover reads them"
 
 
 def test_unknown_names_get_a_suggestion_or_the_method_that_knows_them() -> None:
-    assert unknown_route_options("rsync", {"bwlimit": "50m", "ssh_timeout": 30}) == []
-    assert unknown_route_options(TransferMethod.S3, None) == []
+    assert route_option_problems("rsync", {"bwlimit": "50m", "ssh_timeout": 30}) == []
+    assert route_option_problems(TransferMethod.S3, None) == []
     problems = dict(
-        unknown_route_options("rsync", {"bwlimt": "50m", "streams": 8, "colour": "blue"})
+        route_option_problems("rsync", {"bwlimt": "50m", "streams": 8, "colour": "blue"})
     )
     assert problems == {
         "bwlimt": "unknown option 'bwlimt' for rsync routes; did you mean 'bwlimit'?",
@@ -66,6 +69,50 @@ def test_unknown_names_get_a_suggestion_or_the_method_that_knows_them() -> None:
     }
     assert problems["colour"].startswith("unknown option 'colour' for rsync routes (known: ")
     assert "partial_dir" in problems["colour"]
+
+
+def test_values_are_checked_by_kind() -> None:
+    good = {
+        "streams": 8,
+        "window": "=8M",
+        "port_range": "5031:5040",
+        "max_rate": 100,
+        "compress": True,
+        "bbcp_checksum": "c32",
+        "ssh_options": "Ciphers=aes128-gcm@openssh.com",
+        "extra_args": ["-D"],
+        "ssh_timeout": 2.5,
+        "strict_host_key_checking": "accept-new",
+    }
+    assert route_option_problems("bbcp", good) == []
+    bad = {
+        "streams": 0,
+        "window": "8 MB",
+        "verbose": "yes",
+        "extra_args": "-D",  # a string would go to bbcp one character at a time
+        "compress": 12,
+        "bbcp_checksum": "sha256",
+        "connect_timeout": True,
+        "ssh_options": [1],
+    }
+    problems = dict(route_option_problems("bbcp", bad))
+    assert problems == {
+        "streams": "must be a whole number >= 1 (got 0)",
+        "window": "must be a size like 8M or =8M (got '8 MB')",
+        "verbose": "must be true or false (got 'yes')",
+        "extra_args": "must be a list of strings (got '-D')",
+        "compress": "must be true, false or a level 0-9 (got 12)",
+        "bbcp_checksum": "must be one of 'md5', 'a32', 'c32' (got 'sha256')",
+        "connect_timeout": "must be a whole number of seconds >= 1 (got True)",
+        "ssh_options": "must be a list of strings (got [1])",
+    }
+    assert dict(route_option_problems("s3", {"part_size": 1 << 20, "addressing_style": "x"})) == {
+        "part_size": "must be a whole number of bytes >= 5242880 (got 1048576)",
+        "addressing_style": "must be one of 'auto', 'path', 'virtual' (got 'x')",
+    }
+    assert route_option_problems("rsync", {"partial_dir": "a/b"}) == [
+        ("partial_dir", "must be a plain folder name (got 'a/b')")
+    ]
 
 
 def test_a_stored_route_with_an_unknown_option_fails_its_transfer_with_the_reason(
@@ -84,7 +131,7 @@ def test_a_stored_route_with_an_unknown_option_fails_its_transfer_with_the_reaso
             select(m.DataTransferRoute).where(m.DataTransferRoute.name == "ccat_to_cologne")
         )
         assert route.method == TransferMethod.LOCAL  # the test stack's routes
-        route.options = {"overwrite": False, "chunk_sise": 4 << 20}
+        route.options = {"overwrite": "no", "chunk_sise": 4 << 20}
     for _ in range(3):
         run_pass("transfers", ctx.engine, ctx.settings, d)
         d.drain(ctx)
@@ -92,7 +139,8 @@ def test_a_stored_route_with_an_unknown_option_fails_its_transfer_with_the_reaso
         t = s.scalars(select(m.DataTransfer)).one()
         assert (t.status, t.retry_count) == (Status.FAILED, 1), t.failure_reason
         assert t.failure_reason.startswith(
-            "ConfigurationError: route ccat_to_cologne: unknown option 'chunk_sise' for local "
+            "ConfigurationError: route ccat_to_cologne: options.overwrite: must be true or "
+            "false (got 'no'); options.chunk_sise: unknown option 'chunk_sise' for local "
             "routes; did you mean 'chunk_size'? (correct routes[].options in the topology file"
         ), t.failure_reason
         copies = s.scalars(
