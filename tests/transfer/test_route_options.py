@@ -17,10 +17,8 @@ import data_transfer.movers as movers_pkg
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import Status, TransferMethod
 from ccat_ops_db.route_options import ROUTE_OPTIONS, route_option_problems
-from data_transfer.inline import QueueDispatcher
-from data_transfer.managers import run_pass
 
-from .stack import Stack
+from .stack import Stack, passes
 from .test_pipeline import ctx_for
 
 MOVERS = Path(movers_pkg.__file__).parent
@@ -122,19 +120,14 @@ def test_a_stored_route_with_an_unknown_option_fails_its_transfer_with_the_reaso
     the option; it fails at once (no retry can help) with a reason naming the route."""
     stack.file_observation(files=2, seed=91)
     ctx = ctx_for(stack, max_retries=3)
-    d = QueueDispatcher()
-    for name in ("raw_data_packages", "transfer_packages", "transfer_packages"):
-        run_pass(name, ctx.engine, ctx.settings, d)
-        d.drain(ctx)
+    passes(ctx, "raw_data_packages", "transfer_packages", "transfer_packages")
     with Session(stack.engine) as s, s.begin():
         route = s.scalar(
             select(m.DataTransferRoute).where(m.DataTransferRoute.name == "ccat_to_cologne")
         )
         assert route.method == TransferMethod.LOCAL  # the test stack's routes
         route.options = {"overwrite": "no", "chunk_sise": 4 << 20}
-    for _ in range(3):
-        run_pass("transfers", ctx.engine, ctx.settings, d)
-        d.drain(ctx)
+    assert passes(ctx, "transfers", "transfers", "transfers") == ["failed"]
     with Session(stack.engine) as s:
         t = s.scalars(select(m.DataTransfer)).one()
         assert (t.status, t.retry_count) == (Status.FAILED, 1), t.failure_reason
