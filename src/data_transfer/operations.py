@@ -69,7 +69,7 @@ from .errors import (
 from .heartbeat import Heartbeats, MemoryHeartbeats, beating, repeating, task_key
 from .locations import LocationRef
 from .metrics import TASK_METRICS
-from .movers import mover_for
+from .movers import Mover, mover_for
 from .movers.space import REPAIR_DIR, ensure_space
 from .settings import TransferSettings
 
@@ -96,6 +96,21 @@ class Context:
     def session(self) -> Session:
         """A new session (no expiry on commit: results are read after committing)."""
         return Session(self.engine, expire_on_commit=False)
+
+    def mover(
+        self,
+        src: LocationRef,
+        dst: LocationRef,
+        method: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Mover:
+        """The mover for ``src`` -> ``dst``: ``options`` (a route's, or a repair's
+        ``overwrite``) on top of the ``s3_options`` setting when either end is S3."""
+        if self.settings.s3_options and "s3" in (src.storage_type, dst.storage_type):
+            options = {**self.settings.s3_options, **(options or {})}
+        if options is None:
+            return self.mover_factory(src, dst, method)
+        return self.mover_factory(src, dst, method, options=options)
 
 
 @dataclass
@@ -239,7 +254,7 @@ def _on_failure(ctx: Context, session: Session, kind: str, record: Any, exc: Bas
         dest = _ref(record.destination_location)
         path = record.data_transfer_package.relative_path
         try:
-            ctx.mover_factory(dest, dest, None).delete(dest, path)
+            ctx.mover(dest, dest).delete(dest, path)
         except Exception as del_exc:  # the retry will meet the bad file and say so
             log.warning("could not remove bad copy %s at %s: %s", path, dest.label, del_exc)
         if copy is not None:
@@ -545,7 +560,7 @@ def transfer(ctx: Context, transfer_id: int) -> Outcome:
             method = str(t.method)
             options = routing.leg_options(s, t)
         _ensure_space(ctx, dst, int(dtp.size or 0))
-        mover = ctx.mover_factory(src, dst, method, options=options)
+        mover = ctx.mover(src, dst, method, options)
         try:
             result = mover.copy(
                 src, path, dst, path, algorithm=str(algorithm), expected_checksum=expected
@@ -605,7 +620,7 @@ def transfer(ctx: Context, transfer_id: int) -> Outcome:
 def _is_lost(ctx: Context, loc: LocationRef, path: str) -> bool:
     """True when the file is known to be absent at ``loc`` (False when that cannot be told)."""
     try:
-        return ctx.mover_factory(loc, loc, None).size(loc, path) is None
+        return ctx.mover(loc, loc).size(loc, path) is None
     except Exception:
         return False
 
@@ -725,7 +740,7 @@ def archive(ctx: Context, ltat_id: int) -> Outcome:
                 "ccat-package": pkg.name,
                 "ccat-executed-obs-unit": str(pkg.executed_obs_unit_id),
             }
-        mover = ctx.mover_factory(src, dst, None)
+        mover = ctx.mover(src, dst)
         try:
             result = mover.copy(
                 src,
@@ -865,7 +880,7 @@ def repair_package_copy(
         algorithm = str(item.checksum_algorithm)
         goods = _good_copies(s, key, item_id, loc.id, expected)
     try:
-        actual = ctx.mover_factory(loc, loc, None).checksum(loc, path, algorithm=algorithm)
+        actual = ctx.mover(loc, loc).checksum(loc, path, algorithm=algorithm)
         bad = f"{loc.label} copy of {path} is bad ({algorithm} {actual}, expected {expected})"
     except TransferSystemError as exc:
         actual, bad = None, f"{loc.label} copy of {path} is unreadable ({exc})"
@@ -1163,7 +1178,7 @@ def stage(ctx: Context, job_id: int) -> Outcome:
             earlier = _staged_copies(s, [i[0] for i in items], dest_id)
             for pid, name, *_ in items:
                 _check_other_form(s, job, pid, name, earlier.get(pid), dst)
-        mover = ctx.mover_factory(src, dst, None)
+        mover = ctx.mover(src, dst)
         done: list[tuple[int, str, int | None, str | None]] = []
         reused: list[str] = []
         for pid, name, path, checksum, algorithm in items:
@@ -1413,7 +1428,7 @@ def delete_copies(ctx: Context, copy_ids: list[int]) -> Outcome:
                     target.unlink()
                 dirs.add(target.parent)
             else:
-                ctx.mover_factory(loc, loc, None).delete(loc, rel)
+                ctx.mover(loc, loc).delete(loc, rel)
             ok.append(copy_id)
         except Exception as exc:
             bad.append((copy_id, exc))
@@ -1589,7 +1604,7 @@ def fixity(ctx: Context, copy_id: int) -> Outcome:
                 )
             )
         ]
-    mover = ctx.mover_factory(loc, loc, None)
+    mover = ctx.mover(loc, loc)
     try:
         with _lease_held(ctx, copy_id):
             actual = mover.checksum(loc, path, algorithm=algorithm)
@@ -1670,17 +1685,17 @@ def repair_copy(
         )
         tmp = f"repair-{uuid.uuid4().hex}.tar"
         try:
-            ctx.mover_factory(good, scratch, None).copy(
+            ctx.mover(good, scratch).copy(
                 good, good_path, scratch, tmp, algorithm=algorithm, expected_checksum=expected
             )
-            ctx.mover_factory(scratch, bad, None, options={"overwrite": True}).copy(
+            ctx.mover(scratch, bad, None, {"overwrite": True}).copy(
                 scratch, tmp, bad, bad_path, algorithm=algorithm, expected_checksum=expected
             )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(scratch_root / tmp)
         return
-    mover = ctx.mover_factory(good, bad, None, options={"overwrite": True})
+    mover = ctx.mover(good, bad, None, {"overwrite": True})
     mover.copy(good, good_path, bad, bad_path, algorithm=algorithm, expected_checksum=expected)
 
 

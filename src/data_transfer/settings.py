@@ -9,12 +9,15 @@ of the 10-50 TB range that suits the long haul) or sent when the oldest package 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from ccat_ops_db.enums import ChecksumAlgorithm
+from ccat_ops_db.enums import ChecksumAlgorithm, TransferMethod
+from ccat_ops_db.route_options import route_option_problems
 
 from .errors import ConfigurationError
 from .pagecache import DEFAULT_WINDOW_MB
@@ -95,10 +98,26 @@ class TransferSettings(BaseSettings):
     fixity_bytes_per_pass: int = Field(100 * GB, ge=0)
     fixity_interval_days: float = Field(90.0, gt=0)
 
+    # --- S3 -------------------------------------------------------------------------------
+    # Mover options for every S3 location this process reaches (archiving, staging and
+    # fixity reads, repairs, deletion): the options of s3 routes (docs/data-transfer.md,
+    # "Route options"), as JSON, e.g. '{"storage_class": "GLACIER_IR"}'. Archiving has no
+    # route, so this is where its part size, storage class or timeouts are set; a route's own
+    # options win over these.
+    s3_options: dict[str, Any] = Field(default_factory=dict)
+
     # --- local state --------------------------------------------------------------------
     log_dir: Path = Field(Path("transfer-logs"), description="full command outputs go here")
     metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
     metrics_host: str = "127.0.0.1"
+
+    @field_validator("s3_options")
+    @classmethod
+    def _known_s3_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problems = route_option_problems(TransferMethod.S3, value)
+        if problems:
+            raise ValueError("; ".join(f"{name}: {problem}" for name, problem in problems))
+        return value
 
     @property
     def heartbeat_redis_url(self) -> str:
@@ -114,5 +133,11 @@ def load_transfer_settings(**overrides: object) -> TransferSettings:
         lines = []
         for err in exc.errors():
             name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
-            lines.append(f"{name}: {err['msg']}")
+            lines.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigurationError("invalid transfer settings: " + "; ".join(lines)) from exc
+    except SettingsError as exc:  # a JSON setting (s3_options) that does not parse
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = ENV_PREFIX + (field.group(1).upper() if field else "?")
+        raise ConfigurationError(
+            f"invalid transfer settings: {name}: not valid JSON ({exc.__cause__ or exc})"
+        ) from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,9 +18,11 @@ import data_transfer.movers as movers_pkg
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import Status, TransferMethod
 from ccat_ops_db.route_options import ROUTE_OPTIONS, route_option_problems
+from data_transfer.errors import ConfigurationError
+from data_transfer.settings import load_transfer_settings
 
 from .stack import Stack, passes
-from .test_pipeline import ctx_for
+from .test_pipeline import check_archive_bytes, ctx_for, run_until_quiet
 
 MOVERS = Path(movers_pkg.__file__).parent
 #: ``opts.get("name"``, ``options.get("name"``, ``flag("name"`` in a mover's source
@@ -143,3 +146,33 @@ def test_a_stored_route_with_an_unknown_option_fails_its_transfer_with_the_reaso
             )
         ).all()
         assert copies == []
+
+
+def test_the_s3_options_setting_reaches_the_archive_and_a_bad_one_names_the_variable(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Archiving has no route: ``CCAT_TRANSFER_S3_OPTIONS`` is where its storage class, part
+    size or timeouts are set. Every archived object carries the storage class asked for."""
+    ctx = ctx_for(stack, s3_options={"storage_class": "STANDARD_IA", "part_size": 5 << 20})
+    stack.file_observation(files=3, seed=92)
+    run_until_quiet(ctx)
+    assert check_archive_bytes(stack) == 6  # 3 files, 2 archive sites
+    client = stack.s3.client()
+    keys = 0
+    for bucket in stack.buckets.values():
+        for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
+            head = client.head_object(Bucket=bucket, Key=obj["Key"])
+            assert head.get("StorageClass") == "STANDARD_IA", (obj["Key"], head)
+            keys += 1
+    assert keys >= 4  # a package and its metadata sidecar in each archive
+
+    monkeypatch.setenv("CCAT_TRANSFER_S3_OPTIONS", '{"storage_clas": "GLACIER_IR"}')
+    with pytest.raises(ConfigurationError) as info:
+        load_transfer_settings()
+    assert str(info.value) == (
+        "invalid transfer settings: CCAT_TRANSFER_S3_OPTIONS: storage_clas: unknown option "
+        "'storage_clas' for s3 routes; did you mean 'storage_class'?"
+    )
+    monkeypatch.setenv("CCAT_TRANSFER_S3_OPTIONS", "storage_class=GLACIER_IR")
+    with pytest.raises(ConfigurationError, match=r"CCAT_TRANSFER_S3_OPTIONS: not valid JSON"):
+        load_transfer_settings()
