@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -93,12 +95,16 @@ def test_bad_log_settings_are_named() -> None:
 
 
 def test_api_log_records_name_their_request() -> None:
+    """Over real HTTP: the app runs under uvicorn in a thread of this process on 127.0.0.1 (so
+    its log records reach the stream set up here), and httpx sends the requests."""
+    import httpx
+    import uvicorn
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
-    from starlette.testclient import TestClient
 
     from ops_db_api.metrics import ApiMetrics, MetricsMiddleware
+    from tests.api_server import free_port
 
     def handler(request):  # a route that logs, as the API's error handlers do
         logging.getLogger("ops_db_api").warning("database unavailable")
@@ -109,13 +115,25 @@ def test_api_log_records_name_their_request() -> None:
     out = io.StringIO()
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
     try:
         setup_logging("json", "INFO", service="api", stream=out)
-        with TestClient(app) as client:
-            client.get("/api/v1/things/42", headers={"X-Request-ID": "req-7"})
-            client.get("/api/v1/things/43")
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert client.get("/api/v1/things/42", headers={"X-Request-ID": "req-7"}).text == "ok"
+            assert client.get("/api/v1/things/43").text == "ok"
         logging.getLogger("ops_db_api").warning("outside a request")
     finally:
+        server.should_exit = True
+        thread.join(30)
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     records = [json.loads(line) for line in out.getvalue().splitlines()]
