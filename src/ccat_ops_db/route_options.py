@@ -89,7 +89,14 @@ def _compression(value: Any) -> str | None:
     return f"must be true, false or a level 0-9 {_got(value)}"
 
 
-_SIZE = r"\d+[kKmMgG]?"
+#: A count with an optional unit, as bbcp and rsync take sizes and rates (``8M``, ``100``).
+SIZE_PATTERN = r"\d+[kKmMgG]?"
+#: bbcp's window (``-w``): a size, ``=`` in front to stop bbcp from adjusting it.
+WINDOW_PATTERN = r"=?" + SIZE_PATTERN
+#: bbcp's port range (``-Z``): one port or ``low:high``.
+PORT_RANGE_PATTERN = r"\d+(?::\d+)?"
+#: bbcp's own checksum algorithms (``-E``); ours (sha256...) is checked at the destination.
+BBCP_CHECKSUMS = ("md5", "a32", "c32")
 
 #: How a mover reaches a host with ssh (rsync and bbcp routes).
 SSH_OPTIONS: dict[str, Check] = {
@@ -119,7 +126,7 @@ ROUTE_OPTIONS: dict[TransferMethod, dict[str, Check]] = {
     TransferMethod.RSYNC: {
         **_SSH_TOOL_OPTIONS,
         "timeout": _whole(0, " of seconds"),
-        "bwlimit": _pattern(_SIZE, "a rate like 50m or a number of KiB/s"),
+        "bwlimit": _pattern(SIZE_PATTERN, "a rate like 50m or a number of KiB/s"),
         "rsync_path": _text,
         "remote_rsync_path": _text,
         "partial_dir": _pattern(r"(?!\.\.?$)[^/]+", "a plain folder name"),
@@ -130,15 +137,15 @@ ROUTE_OPTIONS: dict[TransferMethod, dict[str, Check]] = {
         "remote_bbcp_path": _text,
         "verbose": _boolean,
         "streams": _whole(1),
-        "window": _pattern(r"=?" + _SIZE, "a size like 8M or =8M"),
+        "window": _pattern(WINDOW_PATTERN, "a size like 8M or =8M"),
         "progress_interval": _whole(0, " of seconds"),
         "reverse": _boolean,
-        "port_range": _pattern(r"\d+(?::\d+)?", "a port or a range like 5031:5040"),
-        "max_rate": _pattern(_SIZE, "a rate like 100M"),
+        "port_range": _pattern(PORT_RANGE_PATTERN, "a port or a range like 5031:5040"),
+        "max_rate": _pattern(SIZE_PATTERN, "a rate like 100M"),
         "time_limit": _whole(0, " of seconds"),
-        "buffer_size": _pattern(_SIZE, "a size like 4M"),
+        "buffer_size": _pattern(SIZE_PATTERN, "a size like 4M"),
         "compress": _compression,
-        "bbcp_checksum": _choice("md5", "a32", "c32"),
+        "bbcp_checksum": _choice(*BBCP_CHECKSUMS),
         "resume": _boolean,
         "no_dns": _boolean,
         "source_command": _text,

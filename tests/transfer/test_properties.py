@@ -29,7 +29,7 @@ from ccat_ops_db.enums import LocationType, PackageState, PhysicalCopyStatus, St
 from data_transfer import deletion, routing, state
 from data_transfer.errors import NetworkError
 from data_transfer.heartbeat import MemoryHeartbeats
-from data_transfer.inline import QueueDispatcher, Submitted
+from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import MANAGERS, run_pass
 from data_transfer.movers import mover_for
 from data_transfer.operations import Context
@@ -316,10 +316,19 @@ def arrived_sites(ctx: Context) -> list[str]:
         )
 
 
-def delivered(world: World, task: Submitted) -> bool:
-    """The dispatcher's hook: True when the task reaches a worker, False (lost in the broker)
-    at ``world.drop_rate``."""
-    return world.rng.random() >= world.drop_rate
+def drain(ctx: Context, d: QueueDispatcher, world: World) -> None:
+    """Run the submitted tasks at the current fault rates: each fails (injected, in the mover)
+    at ``world.fail_rate`` and is lost in the broker at ``world.drop_rate``."""
+    d.drain(ctx, rng=world.rng, hook=lambda task: world.rng.random() >= world.drop_rate)
+
+
+def run_managers(stack: Stack, world: World, ctx: Context, d: QueueDispatcher, n: int) -> None:
+    """The first ``n`` managers in pipeline order, each followed by its tasks (:func:`drain`)
+    and by the operator's cancels of transfers to sites given up."""
+    for name in list(MANAGERS)[:n]:
+        run_pass(name, ctx.engine, ctx.settings, d, ctx.heartbeats)
+        drain(ctx, d, world)
+        cancel_legs_to_gone_sites(stack, world)
 
 
 #: How many managers, in pipeline order, run up to and including the transfers.
@@ -366,12 +375,9 @@ def test_random_passes_and_faults_never_break_the_rules(world_stack, actions, se
             stack.file_observation(files=action[1], seed=seed + action[1], sizes=(1, 20_000))
         elif kind == "drain":
             world.fail_rate, world.drop_rate = action[1], action[2]
-            d.drain(ctx, rng=world.rng, hook=lambda task: delivered(world, task))
+            drain(ctx, d, world)
         elif kind == "round":
-            for name in list(MANAGERS)[: action[1]]:
-                run_pass(name, ctx.engine, ctx.settings, d, ctx.heartbeats)
-                d.drain(ctx, rng=world.rng, hook=lambda task: delivered(world, task))
-                cancel_legs_to_gone_sites(stack, world)
+            run_managers(stack, world, ctx, d, action[1])
         elif kind == "kill":
             # a worker dies right after claiming up to N tasks: claimed, never finished
             todo, d.pending = d.pending[: action[1]], d.pending[action[1] :]
@@ -389,10 +395,7 @@ def test_random_passes_and_faults_never_break_the_rules(world_stack, actions, se
                 for _ in range(3):
                     if arrived_sites(ctx):
                         break
-                    for name in list(MANAGERS)[:UP_TO_TRANSFERS]:
-                        run_pass(name, ctx.engine, ctx.settings, d, ctx.heartbeats)
-                        d.drain(ctx, rng=world.rng, hook=lambda task: delivered(world, task))
-                        cancel_legs_to_gone_sites(stack, world)
+                    run_managers(stack, world, ctx, d, UP_TO_TRANSFERS)
             with Session(ctx.engine) as s:
                 archive_sites = sorted(
                     set(

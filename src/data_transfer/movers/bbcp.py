@@ -34,6 +34,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ccat_ops_db.route_options import (
+    BBCP_CHECKSUMS,
+    PORT_RANGE_PATTERN,
+    SIZE_PATTERN,
+    WINDOW_PATTERN,
+)
+
 from ..errors import (
     BBCPError,
     ConfigurationError,
@@ -65,8 +72,6 @@ __all__ = [
     "parse_rate",
 ]
 
-#: bbcp's own checksum algorithms (``-E``); ours (sha256...) is checked at the destination.
-BBCP_CHECKSUMS = ("md5", "a32", "c32")
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "E": 1 << 50}
 
@@ -335,16 +340,16 @@ def make_bbcp_command(
     if opts.get("verbose", True):
         argv.append("-v")
     flag("streams", "-s", r"[1-9]\d*")
-    flag("window", "-w", r"=?\d+[kKmMgG]?")
+    flag("window", "-w", WINDOW_PATTERN)
     flag("progress_interval", "-P", r"\d+")
     if "progress_interval" not in opts:
         argv.extend(["-P", "15"])
     if opts.get("reverse"):
         argv.append("-z")
-    flag("port_range", "-Z", r"\d+(?::\d+)?")
-    flag("max_rate", "-x", r"\d+[kKmMgG]?")
+    flag("port_range", "-Z", PORT_RANGE_PATTERN)
+    flag("max_rate", "-x", SIZE_PATTERN)
     flag("time_limit", "-t", r"\d+")
-    flag("buffer_size", "-B", r"\d+[kKmMgG]?")
+    flag("buffer_size", "-B", SIZE_PATTERN)
     compress = opts.get("compress")
     if compress:
         argv.extend(["-c", "1" if compress is True else str(int(compress))])
