@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
@@ -27,13 +28,14 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from ccat_ops_db.enums import Status
+from ccat_ops_db.enums import CopyType, PackageState, PhysicalCopyStatus, Status
 from ccat_ops_db.models import (
     DataLocation,
     DataTransfer,
     DataTransferPackage,
     DiskDataLocation,
     LongTermArchiveTransfer,
+    PhysicalCopy,
     RawDataFile,
     RawDataPackage,
     Site,
@@ -219,6 +221,89 @@ def backlog(engine: Engine) -> dict[tuple[str, str], tuple[int, float]]:
     return out
 
 
+@dataclass
+class Holdups:
+    """What keeps data from the archive or a disk from emptying, beyond the per-stage backlog.
+
+    ``unarchived``: per origin site, raw data packages not ARCHIVED yet and the age in seconds
+    of the oldest (every SOURCE and BUFFER copy of theirs must stay); ``stranded``: per origin
+    site, transfer packages built whose every way to an archive site was cancelled (the
+    transfer packages manager logs them as "given up everywhere"); ``copies``: per
+    (site, location, status), copies not deleted; ``unverified``: per (site, location),
+    package copies present without a verified checksum (a bad copy no repair could fix).
+    Every site appears in ``unarchived`` and ``stranded``, with 0 when nothing waits, so an
+    alert sees the series before it has anything to say.
+    """
+
+    unarchived: dict[str, tuple[int, float]]
+    stranded: dict[str, int]
+    copies: dict[tuple[str, str, str], int]
+    unverified: dict[tuple[str, str], int]
+
+
+def holdups(engine: Engine) -> Holdups:
+    """Read :class:`Holdups` from the database: a few aggregate queries, each on an index
+    (raw data packages by state, the live-copies index, the unverified-copies index)."""
+    from . import routing
+
+    now = dt.datetime.now(dt.UTC)
+    with Session(engine) as s:
+        where: dict[int, tuple[str, str]] = {
+            loc_id: (site, name)
+            for loc_id, site, name in s.execute(
+                select(DataLocation.id, Site.short_name, DataLocation.name).join(
+                    Site, DataLocation.site_id == Site.id
+                )
+            )
+        }
+        sites = sorted({site for site, _ in where.values()})
+        unarchived: dict[str, tuple[int, float]] = {site: (0, 0.0) for site in sites}
+        for loc_id, n, since in s.execute(
+            select(
+                RawDataPackage.origin_location_id, func.count(), func.min(RawDataPackage.created_at)
+            )
+            .where(RawDataPackage.state != PackageState.ARCHIVED)
+            .group_by(RawDataPackage.origin_location_id)
+        ):
+            site = where.get(loc_id, ("unknown", ""))[0]
+            count, age = unarchived.get(site, (0, 0.0))
+            if since is not None:
+                age = max(age, (now - _aware(since)).total_seconds())
+            unarchived[site] = (count + int(n), age)
+        stranded: dict[str, int] = {site: 0 for site in sites}
+        for loc_id, n in s.execute(
+            select(DataTransferPackage.origin_location_id, func.count())
+            .where(
+                DataTransferPackage.status == Status.COMPLETED,
+                DataTransferPackage.next_attempt_at > now,
+                ~routing.live_primary(DataTransferPackage.id),
+            )
+            .group_by(DataTransferPackage.origin_location_id)
+        ):
+            site = where.get(loc_id, ("unknown", ""))[0]
+            stranded[site] = stranded.get(site, 0) + int(n)
+        copies: dict[tuple[str, str, str], int] = {}
+        for loc_id, status, n in s.execute(
+            select(PhysicalCopy.data_location_id, PhysicalCopy.status, func.count())
+            .where(PhysicalCopy.status != PhysicalCopyStatus.DELETED)
+            .group_by(PhysicalCopy.data_location_id, PhysicalCopy.status)
+        ):
+            site, name = where.get(loc_id, ("unknown", str(loc_id)))
+            copies[(site, name, str(status))] = int(n)
+        unverified: dict[tuple[str, str], int] = {}
+        for loc_id, n in s.execute(
+            select(PhysicalCopy.data_location_id, func.count())
+            .where(
+                PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
+                PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                PhysicalCopy.checksum_verified_at.is_(None),
+            )
+            .group_by(PhysicalCopy.data_location_id)
+        ):
+            unverified[where.get(loc_id, ("unknown", str(loc_id)))] = int(n)
+    return Holdups(unarchived, stranded, copies, unverified)
+
+
 class PipelineCollector:
     """Reads the pipeline state from the database at every scrape."""
 
@@ -227,21 +312,30 @@ class PipelineCollector:
 
     def collect(self) -> Any:
         """Yield the gauges (a failing database yields nothing rather than an error)."""
+        up = GaugeMetricFamily(
+            "ccat_transfer_database_up",
+            "1 if the operations database answered this scrape (0: no pipeline gauges below)",
+        )
         try:
             counts = pipeline_counts(self.engine)
             reasons = failure_reasons(self.engine)
             waiting = backlog(self.engine)
+            held = holdups(self.engine)
         except Exception as exc:
             log.warning("pipeline metrics unavailable: %s: %s", type(exc).__name__, exc)
+            up.add_metric([], 0)
+            yield up
             return
+        up.add_metric([], 1)
+        yield up
         g = GaugeMetricFamily(
             "ccat_transfer_records",
             "Operation records by stage and status",
             labels=["stage", "status"],
         )
         for stage, by_status in counts.items():
-            for status in ("pending", "scheduled", "in_progress", "completed", "failed"):
-                g.add_metric([stage, status], by_status.get(status, 0))
+            for status in Status:
+                g.add_metric([stage, status.value], by_status.get(status.value, 0))
         yield g
         f = GaugeMetricFamily(
             "ccat_transfer_failed_records",
@@ -267,6 +361,46 @@ class PipelineCollector:
             age.add_metric([stage, site], seconds)
         yield items
         yield age
+        yield from holdup_families(held)
+
+
+def holdup_families(held: Holdups) -> Iterable[GaugeMetricFamily]:
+    """The gauges of :class:`Holdups` (see docs/observability.md)."""
+    count = GaugeMetricFamily(
+        "ccat_transfer_unarchived_packages",
+        "Raw data packages not archived yet, by the site they were built at",
+        labels=["site"],
+    )
+    oldest = GaugeMetricFamily(
+        "ccat_transfer_unarchived_oldest_age_seconds",
+        "Age of the oldest raw data package not archived yet, by site (0 when none)",
+        labels=["site"],
+    )
+    for site, (n, seconds) in sorted(held.unarchived.items()):
+        count.add_metric([site], n)
+        oldest.add_metric([site], seconds)
+    stranded = GaugeMetricFamily(
+        "ccat_transfer_stranded_packages",
+        "Transfer packages whose every way to an archive site was cancelled, by site",
+        labels=["site"],
+    )
+    for site, n in sorted(held.stranded.items()):
+        stranded.add_metric([site], n)
+    copies = GaugeMetricFamily(
+        "ccat_transfer_copies",
+        "Copies of files and packages not deleted, by site, location and status",
+        labels=["site", "location", "status"],
+    )
+    for key, n in sorted(held.copies.items()):
+        copies.add_metric(list(key), n)
+    unverified = GaugeMetricFamily(
+        "ccat_transfer_unverified_package_copies",
+        "Package copies present without a verified checksum (bad and not repaired)",
+        labels=["site", "location"],
+    )
+    for key, n in sorted(held.unverified.items()):
+        unverified.add_metric(list(key), n)
+    yield from (count, oldest, stranded, copies, unverified)
 
 
 class LocationDiskCollector:

@@ -5,7 +5,7 @@ The list below is the one in docs/observability.md; the stack is a real run (con
 
 from __future__ import annotations
 
-from tests.observability.conftest import ObservedStack, total
+from tests.observability.conftest import GOOD_OBSERVATIONS, ObservedStack, total
 
 #: Documented metric names per process type (docs/observability.md).
 DOCUMENTED = {
@@ -33,6 +33,11 @@ DOCUMENTED = {
         "ccat_transfer_failed_records",
         "ccat_transfer_backlog_items",
         "ccat_transfer_backlog_oldest_age_seconds",
+        "ccat_transfer_database_up",
+        "ccat_transfer_unarchived_packages",
+        "ccat_transfer_unarchived_oldest_age_seconds",
+        "ccat_transfer_stranded_packages",
+        "ccat_transfer_copies",
     ],
 }
 
@@ -113,3 +118,14 @@ def test_manager_metrics_move(observed: ObservedStack) -> None:
     assert observed.peak_backlog > 0
     assert observed.peak_backlog_age > 0
     assert total(backlog) == 0  # everything finished
+    # what holds data back: the failed observation's package at the telescope, nothing else
+    assert total(after["ccat_transfer_database_up"]) == 1
+    assert total(after["ccat_transfer_unarchived_packages"], site="ccat") == 1
+    assert total(after["ccat_transfer_unarchived_packages"]) == 1
+    assert total(after["ccat_transfer_unarchived_oldest_age_seconds"], site="ccat") > 0
+    assert total(after["ccat_transfer_stranded_packages"]) == 0
+    assert {dict(k)["site"] for k in after["ccat_transfer_stranded_packages"]} >= {"ccat", "us"}
+    copies = after["ccat_transfer_copies"]
+    assert total(copies, site="cologne", status="present") >= GOOD_OBSERVATIONS, copies
+    assert total(copies, status="deletion_failed") == 0
+    assert total(after.get("ccat_transfer_unverified_package_copies", {})) == 0

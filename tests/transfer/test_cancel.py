@@ -33,6 +33,7 @@ from ccat_ops_db.enums import (
 from data_transfer import operations, packaging, routing, state
 from data_transfer.errors import NetworkError, StalledTaskError
 from data_transfer.managers import run_pass
+from data_transfer.metrics import holdups
 from data_transfer.movers import mover_for
 from data_transfer.operations import Context
 from tests.api_server import running_api
@@ -182,6 +183,9 @@ def test_a_package_given_up_everywhere_waits_and_says_so(
     assert errors, caplog.text
     assert "other than the ones it was given up for (cologne)" in errors[0], errors
     assert [st for _, _, st, _ in _legs(stack)] == ["cancelled"]
+    held = holdups(stack.engine)  # what the managers' metrics (and the alert) see
+    assert held.stranded == {"ccat": 1, "cologne": 0, "us": 0}, held.stranded
+    assert held.unarchived["ccat"][0] == 1 and held.unarchived["ccat"][1] > 0
     with Session(stack.engine) as s:
         assert PackageState.ARCHIVED not in {p.state for p in s.scalars(select(m.RawDataPackage))}
         source = s.scalars(

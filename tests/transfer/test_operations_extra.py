@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
@@ -28,7 +28,7 @@ from data_transfer.errors import (
 from data_transfer.heartbeat import MemoryHeartbeats
 from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
-from data_transfer.metrics import PipelineCollector
+from data_transfer.metrics import PipelineCollector, holdups
 from data_transfer.movers import mover_for
 from data_transfer.operations import Context
 from data_transfer.queues import discover_queues
@@ -241,6 +241,53 @@ def test_pipeline_metrics_show_backlog_and_failures(stack: Stack) -> None:
     )
 
 
+def test_pipeline_metrics_name_what_holds_data_back(stack: Stack) -> None:
+    """The gauges the alerts read: the database answering, every status (cancelled too),
+    unarchived and stranded packages per site (0 when none: the series exist), copies by
+    status; and a manager whose database is gone says so instead of going quiet."""
+    stack.file_observation(files=2, seed=25)
+    ctx = Context(engine=stack.engine, settings=transfer_settings(stack.root))
+    stack.file_observation(files=2, seed=26)
+    passes(ctx, "raw_data_packages")  # built, not archived
+    registry = CollectorRegistry()
+    registry.register(PipelineCollector(stack.engine))  # type: ignore[arg-type]
+    waiting = generate_latest(registry).decode()
+    assert "ccat_transfer_database_up 1.0" in waiting
+    for status in Status:
+        assert f'ccat_transfer_records{{stage="unpack",status="{status.value}"}}' in waiting
+    assert 'ccat_transfer_unarchived_packages{site="ccat"} 2.0' in waiting
+    assert 'ccat_transfer_stranded_packages{site="ccat"} 0.0' in waiting
+    present = 'ccat_transfer_copies{location="primecam_raw_data",site="ccat",status="present"} 4.0'
+    assert present in waiting, waiting
+
+    run_until_quiet(ctx)
+    with Session(stack.engine) as s, s.begin():  # one archive copy that could not be deleted
+        copy = s.scalars(
+            select(m.PhysicalCopy)
+            .join(m.DataLocation)
+            .where(m.DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)
+            .limit(1)
+        ).one()
+        copy.status = PhysicalCopyStatus.DELETION_FAILED
+        site, where = copy.data_location.site.short_name, copy.data_location.name
+    done = generate_latest(registry).decode()
+    assert 'ccat_transfer_unarchived_packages{site="ccat"} 0.0' in done
+    assert 'ccat_transfer_unarchived_oldest_age_seconds{site="ccat"} 0.0' in done
+    failed = (
+        f'ccat_transfer_copies{{location="{where}",site="{site}",status="deletion_failed"}} 1.0'
+    )
+    assert failed in done, done
+    assert 'status="deleted"' not in done.split("ccat_transfer_copies", 1)[1]  # live copies only
+    assert 'location="primecam_raw_data"' not in done.split("# HELP ccat_transfer_copies")[1]
+
+    gone = create_engine("postgresql+psycopg://ccat@127.0.0.1:9/none", pool_pre_ping=False)
+    dead = CollectorRegistry()
+    dead.register(PipelineCollector(gone))  # type: ignore[arg-type]
+    text = generate_latest(dead).decode()
+    assert "ccat_transfer_database_up 0.0" in text
+    assert "ccat_transfer_records" not in text
+
+
 def _forward_after(delay: float, listen: Path, target: Path, stop: threading.Event) -> None:
     """Create the unix socket ``listen`` only after ``delay`` seconds (until then a client
     finds no server, as with a database that is still starting), then relay every connection
@@ -411,6 +458,7 @@ def test_fixity_sends_each_copy_once_and_keeps_to_its_byte_budget(stack: Stack) 
         for copy in s.scalars(select(m.PhysicalCopy).where(m.PhysicalCopy.id.in_([first, second]))):
             assert copy.failure_reason.startswith("bad copy, no good copy to repair from")
             assert copy.retry_count == 1 and copy.next_attempt_at is not None
+    assert holdups(stack.engine).unverified == {("cologne", "lta"): 1, ("us", "lta"): 1}
     assert run_pass("fixity", wide.engine, wide.settings, d).scheduled == 0  # backing off
 
 

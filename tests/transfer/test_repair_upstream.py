@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import PackageState, PhysicalCopyStatus, Status
 from data_transfer.checksums import hash_file
+from data_transfer.metrics import holdups
 from data_transfer.operations import Context
 from tests.transfer.stack import Stack, passes
 from tests.transfer.test_pipeline import check_archive_bytes, ctx_for, run_until_quiet
@@ -178,6 +179,7 @@ def test_a_copy_that_cannot_be_rebuilt_stops_visibly_and_nothing_is_deleted(
         copy = buffer_copy(s, "raw_data_package_id", pkg_id)
         assert copy.checksum_verified_at is None  # marked bad
         assert copy.status == PhysicalCopyStatus.PRESENT  # kept for a person to look at
+    assert holdups(stack.engine).unverified == {("ccat", "buffer"): 1}  # the metric says so
     run_until_quiet(ctx)
     with Session(stack.engine) as s:
         assert s.get(m.RawDataPackage, pkg_id).state != PackageState.ARCHIVED
