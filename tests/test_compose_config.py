@@ -4,17 +4,20 @@ compose/docker-compose.yml: parses (and `docker-compose config` accepts it where
 every long-running service has a healthcheck, ports are published on 127.0.0.1 only, images
 are variables with defaults, no secret is written in it and every secret is required, the
 one-shots gate the services. compose/topology.yaml: valid, and every worker mounts what its
-locations need. Dockerfile: pinned base as a build arg, non-root user. No container registry
-host is named anywhere. The whole stack runs in `make e2e` (compose/e2e.py).
+locations need. Prometheus (profile monitoring) loads every chart's alerting rules, and real
+promtool accepts its configuration with those rules. Dockerfile: pinned base as a build arg,
+non-root user. No container registry host is named anywhere. The whole stack runs in
+`make e2e` (compose/e2e.py).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shutil
 import subprocess
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -26,6 +29,10 @@ COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 TOPOLOGY = COMPOSE_DIR / "topology.yaml"
 SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY")
 ONE_SHOTS = {"migrate", "create-buckets"}
+PROMETHEUS_CONFIG = COMPOSE_DIR / "prometheus" / "prometheus.yml"
+# every chart's alerting rules (the same files the charts render into PrometheusRules)
+RULE_FILES = sorted((REPO / "charts").glob("*/files/alerts.yml"))
+PROMTOOL_HINT = "promtool not found: apt-get install prometheus (Debian's package carries promtool)"
 # An image reference whose first path component looks like a host (has a dot or a port) names
 # a registry; images here must be plain names that resolve to whatever registry the user has.
 IMAGE_REF = re.compile(r"(?:FROM\s+|image:\s*|_IMAGE:-|IMAGE=)([^\s\"'}]+)")
@@ -217,6 +224,82 @@ def test_workers_mount_what_their_locations_need(services: dict[str, Any]) -> No
                             assert buffer(origin) in mounts, f"{name}: {buffer(origin)} missing"
     # every location of the topology is served by a worker
     assert served == set(locs), set(locs) - served
+
+
+def _rule_mounts(services: dict[str, Any]) -> dict[Path, str]:
+    """The prometheus service's bind mounts that rule_files loads: source file -> target."""
+    globs = [PurePosixPath(g) for g in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["rule_files"]]
+    out = {}
+    for volume in services["prometheus"]["volumes"]:
+        source, target, *mode = volume.split(":")
+        t = PurePosixPath(target)
+        # Prometheus globs the last path element only (filepath.Glob: * never crosses a /)
+        if any(t.parent == g.parent and fnmatch.fnmatchcase(t.name, g.name) for g in globs):
+            assert mode and "ro" in mode[0].split(","), f"{volume}: mount the rules read-only"
+            out[(COMPOSE_DIR / source).resolve()] = target
+    return out
+
+
+def test_prometheus_loads_every_charts_rules(services: dict[str, Any]) -> None:
+    """Each chart's files/alerts.yml is mounted where prometheus.yml's rule_files look, once,
+    from a file that exists; the globs are absolute paths in the container."""
+    globs = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["rule_files"]
+    assert globs and all(g.startswith("/etc/prometheus/") for g in globs), globs
+    assert len(RULE_FILES) >= 2, RULE_FILES
+    mounts = _rule_mounts(services)
+    for source in mounts:
+        assert source.is_file(), f"{source} is mounted into Prometheus but does not exist"
+    assert sorted(mounts) == RULE_FILES, "every chart's rules, and nothing else"
+    assert len(set(mounts.values())) == len(mounts), "two rule files on one target"
+    # a mount next to the rules that the globs miss would be a file Prometheus never loads
+    rule_dirs = {str(PurePosixPath(t).parent) for t in mounts.values()}
+    for volume in services["prometheus"]["volumes"]:
+        target = volume.split(":")[1]
+        if str(PurePosixPath(target).parent) in rule_dirs:
+            assert target in mounts.values(), f"{volume}: not matched by rule_files {globs}"
+
+
+def test_promtool_accepts_the_config_and_the_rules(
+    services: dict[str, Any], tmp_path: Path
+) -> None:
+    """Real promtool on prometheus.yml, with rule_files pointing at the mounted files in this
+    repository: the scrape configuration, and every rule's PromQL, durations and templates."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail(PROMTOOL_HINT, pytrace=False)
+    mounts = _rule_mounts(services)
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["rule_files"] = [str(source) for source in mounts]
+    copy = tmp_path / "prometheus.yml"
+    copy.write_text(yaml.safe_dump(config, sort_keys=False))
+    res = subprocess.run(
+        [promtool, "check", "config", str(copy)], capture_output=True, text=True, check=False
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert f"SUCCESS: {len(mounts)} rule files found" in out, out
+    for source in mounts:
+        groups = yaml.safe_load(source.read_text())["groups"]
+        rules = sum(len(g["rules"]) for g in groups)
+        assert re.search(
+            rf"Checking {re.escape(str(source))}\n\s*SUCCESS: {rules} rules found", out
+        ), out
+
+
+def test_prometheus_job_names_are_the_ones_the_rules_select() -> None:
+    """The alerts on `up` select scrape jobs by name: each selector matches a job here."""
+    jobs = {j["job_name"] for j in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
+    selectors = 0
+    for rule_file in RULE_FILES:
+        for group in yaml.safe_load(rule_file.read_text())["groups"]:
+            for rule in group["rules"]:
+                for matchers in re.findall(r"\bup\{([^}]*)\}", rule["expr"]):
+                    for op, value in re.findall(r'\bjob\s*(=~|!~|!=|=)\s*"([^"]*)"', matchers):
+                        assert op in ("=", "=~"), (rule["alert"], op)
+                        matched = {j for j in jobs if re.fullmatch(value, j)}
+                        assert matched, f"{rule['alert']}: job{op}{value!r} matches none of {jobs}"
+                        selectors += 1
+    assert selectors >= 2
 
 
 def test_topology_is_valid_and_local() -> None:

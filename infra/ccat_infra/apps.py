@@ -60,6 +60,19 @@ def _network_peers(selector: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [{"podSelector": selector}] if selector else []
 
 
+def _monitoring_peers(settings: Settings) -> list[dict[str, Any]]:
+    """Prometheus' namespace, let in to the metrics ports (none without monitoringNamespace)."""
+    if not settings.monitoring_namespace:
+        return []
+    return [
+        {
+            "namespaceSelector": {
+                "matchLabels": {"kubernetes.io/metadata.name": settings.monitoring_namespace}
+            }
+        }
+    ]
+
+
 class Migration(pulumi.ComponentResource):
     """charts/ccat-migrate: migrate the schema, seed the topology, check; before any rollout."""
 
@@ -119,16 +132,6 @@ class Api(pulumi.ComponentResource):
                     }
                 }
             )
-        if settings.monitoring_namespace:
-            ingress_from.append(
-                {
-                    "namespaceSelector": {
-                        "matchLabels": {
-                            "kubernetes.io/metadata.name": settings.monitoring_namespace
-                        }
-                    }
-                }
-            )
         self.values: dict[str, Any] = {
             "image": settings.image.values(),
             "replicaCount": api.min_replicas,
@@ -150,8 +153,12 @@ class Api(pulumi.ComponentResource):
             "networkPolicy": {
                 "enabled": True,
                 "ingressFrom": ingress_from,
+                # Prometheus scrapes /metrics on the API port
+                "metricsFrom": _monitoring_peers(settings),
                 "databaseTo": _network_peers(db.pod_selector),
             },
+            # PrometheusRule and PodMonitor (ccat:monitoring)
+            **settings.monitoring.values(),
         }
         # the migration release completes only once its Job succeeded: roll out after it
         self.release = _release(
@@ -175,17 +182,6 @@ class Transfer(pulumi.ComponentResource):
         opts: pulumi.ResourceOptions | None = None,
     ):
         super().__init__("ccat:infra:Transfer", name, None, opts)
-        metrics_from = []
-        if settings.monitoring_namespace:
-            metrics_from.append(
-                {
-                    "namespaceSelector": {
-                        "matchLabels": {
-                            "kubernetes.io/metadata.name": settings.monitoring_namespace
-                        }
-                    }
-                }
-            )
         values: dict[str, Any] = {
             "image": settings.image.values(),
             "database": database_values(settings, db, 3),
@@ -204,10 +200,12 @@ class Transfer(pulumi.ComponentResource):
             "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
             "networkPolicy": {
                 "enabled": True,
-                "metricsFrom": metrics_from,
+                "metricsFrom": _monitoring_peers(settings),
                 "databaseTo": _network_peers(db.pod_selector),
                 "brokerTo": _network_peers(redis.pod_selector),
             },
+            # PrometheusRule and PodMonitors (ccat:monitoring)
+            **settings.monitoring.values(),
         }
         if settings.workers is not None:
             values["workers"] = settings.workers

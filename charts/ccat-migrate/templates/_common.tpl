@@ -130,3 +130,32 @@ image.digest is empty, so a release pinned by digest is scanned for it.
 checkov.io/skip9: CKV_K8S_43=pinned by tag in values; set image.digest to pin by digest (production stacks do)
 {{- end -}}
 {{- end -}}
+
+{{/*
+A PrometheusRule whose groups are the chart's files/alerts.yml as it is: the same file the
+compose stack's Prometheus loads. .Files.Get returns raw text and fromYaml parses it, so the
+{{ $labels.x }} / {{ $value }} templates of the annotations reach Prometheus untouched (never
+pass the file through tpl). Values: prometheusRule.enabled, .labels, .namespace.
+*/}}
+{{- define "ccat.prometheusRule" -}}
+{{- if .Values.prometheusRule.enabled }}
+{{- $rules := .Files.Get "files/alerts.yml" | fromYaml }}
+{{- if or (hasKey $rules "Error") (not $rules.groups) }}
+{{- fail (printf "files/alerts.yml: no rule groups (%v)" (get $rules "Error")) }}
+{{- end }}
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: {{ include "ccat.fullname" . }}
+  namespace: {{ .Values.prometheusRule.namespace | default .Release.Namespace }}
+  labels:
+    {{- include "ccat.labels" . | nindent 4 }}
+    app.kubernetes.io/component: alerts
+    {{- with .Values.prometheusRule.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  groups:
+    {{- toYaml $rules.groups | nindent 4 }}
+{{- end }}
+{{- end -}}
