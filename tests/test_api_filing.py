@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import func, select, text
 
@@ -441,3 +443,32 @@ def test_observation_text_with_a_nul_is_refused_naming_the_field(
     assert r.status_code == 422, r.text
     (error,) = r.json()["errors"]
     assert error["loc"][-1] == field and "NUL" in error["msg"], error
+
+
+def test_metrics_of_a_multi_process_api_count_every_process(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """With ``--workers 2`` each request is answered by one of two processes and a scrape by
+    either; the counts must be the sum over both, the same at every scrape. Before the shared
+    metrics folder each scrape showed one process's share (about half, and a different half
+    each time: a counter going down, which Prometheus reads as a restart)."""
+    name = pg_server.create_database("twoproc")
+    env = {"CCAT_API_WORKERS": "2", "CCAT_API_LOG_LEVEL": "info"}
+    with running_api(pg_server.url(name), tmp_path, extra_env=env, seed=False) as server:
+        for _ in range(40):  # a new connection each: both processes take some
+            assert httpx.get(f"{server.base_url}/readyz", timeout=10).status_code == 200
+        counts = []
+        for _ in range(12):
+            text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+            [line] = [
+                x
+                for x in text.splitlines()
+                if x.startswith("ccat_api_requests_total{") and 'route="/readyz"' in x
+            ]
+            counts.append(float(line.rsplit(" ", 1)[1]))
+            assert "ccat_api_up 1.0" in text, text
+        assert counts == [40.0] * 12, counts
+    # two processes answered (each logs with its pid), beside uvicorn's parent
+    records = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    [parent] = {r["pid"] for r in records if r["msg"].startswith("Started parent process")}
+    assert len({r["pid"] for r in records} - {parent}) == 2, records

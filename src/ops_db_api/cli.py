@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -31,16 +32,41 @@ def serve(
     from ccat_ops_db.logs import log_format, uvicorn_log_config
 
     s = ApiSettings()
+    processes = workers or s.workers
+    if processes > 1:
+        _share_metrics()
     uvicorn.run(
         "ops_db_api.main:app",
         host=host or s.host,
         port=port or s.port,
-        workers=workers or s.workers,
+        workers=processes,
         log_level=s.log_level,
         log_config=uvicorn_log_config(log_format("json"), s.log_level),  # CCAT_LOG_FORMAT
         access_log=False,
         proxy_headers=True,
     )
+
+
+def _share_metrics() -> None:
+    """Give the worker processes one metrics folder (see :mod:`ops_db_api.metrics`).
+
+    ``PROMETHEUS_MULTIPROC_DIR`` when set (its old files are removed first: a folder left by
+    a previous run would add its counts to this one's), otherwise a new temporary folder,
+    removed when the server stops. The workers inherit it through the environment."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(folder, name))
+    else:
+        folder = tempfile.mkdtemp(prefix="ccat-api-metrics-")
+        atexit.register(shutil.rmtree, folder, True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
 
 
 @app.command()

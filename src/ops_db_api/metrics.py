@@ -1,12 +1,21 @@
-"""Prometheus metrics of the API (one registry per app)."""
+"""Prometheus metrics of the API (one registry per app).
+
+With several worker processes (``ccat-api serve --workers N``) each process counts only the
+requests it answered, and a scrape reaches one of them at random: counters would jump back and
+forth and ``rate()`` would read resets. ``serve`` therefore gives the processes a shared
+folder (``PROMETHEUS_MULTIPROC_DIR``, prometheus_client's multiprocess mode): every process
+writes its values there, and ``/metrics`` serves their sum from whichever process answers.
+"""
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccat_ops_db.logs import pop_context, push_context
@@ -16,42 +25,60 @@ class ApiMetrics:
     """The API's metrics: request counts and latencies, filed files, process info."""
 
     def __init__(self) -> None:
+        #: What ``/metrics`` serves; collectors read at scrape time (the observatory's buffer)
+        #: are registered here.
         self.registry = CollectorRegistry()
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if folder:  # several processes: serve the sum of what they all wrote
+            MultiProcessCollector(self.registry, path=folder)
+            #: Where counters, gauges and histograms this process updates are registered:
+            #: the served registry itself, or, with several processes, a private one (their
+            #: values reach /metrics through the shared folder, summed, and only that way).
+            self.local_registry = CollectorRegistry()
+        else:
+            self.local_registry = self.registry
+        self.multiprocess = bool(folder)
+        registry = self.local_registry
         self.requests = Counter(
             "ccat_api_requests_total",
             "HTTP requests handled, by method, route template and status code.",
             ["method", "route", "status"],
-            registry=self.registry,
+            registry=registry,
         )
         self.latency = Histogram(
             "ccat_api_request_duration_seconds",
             "Time to handle a request, by method and route template.",
             ["method", "route"],
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=self.registry,
+            registry=registry,
         )
         self.files_filed = Counter(
             "ccat_api_raw_data_files_filed_total",
             "Raw data files newly recorded through the API.",
-            registry=self.registry,
+            registry=registry,
         )
         self.bytes_filed = Counter(
             "ccat_api_raw_data_bytes_filed_total",
             "Bytes of the raw data files newly recorded through the API.",
-            registry=self.registry,
+            registry=registry,
         )
         self.observations_started = Counter(
             "ccat_api_executed_obs_units_started_total",
             "Executed obs units started through the API.",
-            registry=self.registry,
+            registry=registry,
         )
         self.auth_failures = Counter(
             "ccat_api_auth_failures_total",
             "Requests refused for authentication (401) or authorization (403).",
             ["status"],
-            registry=self.registry,
+            registry=registry,
         )
-        self.up = Gauge("ccat_api_up", "1 while the API process serves.", registry=self.registry)
+        self.up = Gauge(
+            "ccat_api_up",
+            "1 while the API process serves.",
+            registry=registry,
+            multiprocess_mode="max",  # 1 if any process serves, not the number of processes
+        )
         self.up.set(1)
 
 

@@ -40,13 +40,12 @@ def install_observatory(app: FastAPI, settings: ApiSettings, prefix: str) -> Sit
     buffer = SiteBuffer(settings.buffer_url.get_secret_value())
     buffer.create_schema()
     app.state.site_buffer = buffer
-    registry = app.state.metrics.registry
-    registry.register(BufferCollector(buffer))
+    app.state.metrics.registry.register(BufferCollector(buffer))  # read at each scrape
     app.state.site_writes = Counter(
         "ccat_api_buffer_writes",
         "Writes buffered at the observatory, by kind.",
         ["kind"],
-        registry=registry,
+        registry=app.state.metrics.local_registry,  # summed over the API's processes
     )
     app.include_router(filing_router, prefix=prefix)
     app.include_router(site_router, prefix=prefix)
