@@ -244,10 +244,15 @@ def run_once(
 
 
 @app.command()
-def status() -> None:
+def status(
+    limit: Annotated[int, typer.Option(min=1, help="rows at most per list")] = 20,
+) -> None:
     """Records per stage and status, the failures with their reasons, what is waiting or
-    retrying with its last reason, and what an operator cancelled."""
-    from .metrics import failure_reasons, pipeline_counts
+    retrying with its last reason, and what an operator cancelled; then each failed record
+    with its reason and log path, and what holds data back from the archive: the oldest
+    package not archived per site, transfer packages with nowhere to go, bad copies, copies
+    that could not be deleted."""
+    from .metrics import failed_records, failure_reasons, holdup_details, pipeline_counts
 
     try:
         engine = _engine()
@@ -255,6 +260,8 @@ def status() -> None:
         reasons = failure_reasons(engine)
         waiting = failure_reasons(engine, ("pending", "scheduled"))
         cancelled = failure_reasons(engine, ("cancelled",))
+        failed = failed_records(engine, limit)
+        held = holdup_details(engine, limit)
     except (ConfigurationError, DbConfigurationError) as exc:
         _fail(exc)
         return
@@ -278,6 +285,41 @@ def status() -> None:
             for (stage_name, reason), n in sorted(by_reason.items()):
                 t2.add_row(stage_name, reason, str(n))
             console.print(t2)
+    lists: list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]] = [
+        (
+            f"Failed records (latest {limit} per stage)",
+            ("stage", "id", "record", "reason (log)"),
+            [(st, str(i), name, why) for st, i, name, why in failed],
+        ),
+        (
+            "Oldest raw data package not archived, per site",
+            ("site", "package", "state", "built"),
+            held["oldest"],
+        ),
+        (
+            "Transfer packages with no archive site left (given up everywhere)",
+            ("site", "transfer package", "looked at again"),
+            held["stranded"],
+        ),
+        (
+            "Package copies that failed verification and were not repaired",
+            ("site", "location", "package", "what was found"),
+            held["bad"],
+        ),
+        (
+            "Copies that could not be deleted",
+            ("site", "location", "copies", "a reason"),
+            held["undeletable"],
+        ),
+    ]
+    for title, columns, rows in lists:
+        if rows:
+            t3 = Table(title=title)
+            for c in columns:
+                t3.add_column(c, overflow="fold")
+            for row in rows:
+                t3.add_row(*row)
+            console.print(t3)
 
 
 @app.command()

@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from ccat_ops_db.enums import CopyType, PackageState, PhysicalCopyStatus, Status
 from ccat_ops_db.models import (
@@ -68,6 +68,14 @@ _SECONDS = Histogram(
 
 class TaskMetrics:
     """Counters the workers update."""
+
+    def start_at_zero(self, stages: Iterable[str]) -> None:
+        """Export the done and failed counts of ``stages`` at 0 from the start. A series that
+        first appears at 1 is no increase to ``rate()`` / ``increase()``, so the first task a
+        worker finishes after a (re)start would be missed (CCATTransferStalled reads them)."""
+        for stage in stages:
+            for result in ("done", "failed"):
+                _TASKS.labels(stage, result)
 
     def done(self, stage: str, seconds: float) -> None:
         """A task of ``stage`` finished."""
@@ -125,6 +133,31 @@ def failure_reasons(
             for (reason,) in s.execute(query).all():
                 cls = (reason or "unknown").split(":", 1)[0][:64]
                 out[(name, cls)] = out.get((name, cls), 0) + 1
+    return out
+
+
+def failed_records(engine: Engine, limit: int = 20) -> list[tuple[str, int, str, str]]:
+    """``(stage, id, name, reason)`` of records FAILED for good, the most recent failures
+    first, at most ``limit`` per stage; the name is the package's where the record has one.
+    The reason carries the exception, its message and the log path (``state.describe_error``).
+    """
+    from .state import KINDS
+
+    out: list[tuple[str, int, str, str]] = []
+    with Session(engine) as s:
+        for name, kind in KINDS.items():
+            model = kind.model
+            label = getattr(model, "name", None)
+            query = (
+                select(model.id, label if label is not None else model.id)
+                .add_columns(getattr(model, kind.failure_reason))
+                .where(getattr(model, kind.status) == Status.FAILED)
+                .order_by(model.last_failure_at.desc().nulls_last(), model.id.desc())
+                .limit(limit)
+            )
+            for rid, title, reason in s.execute(query):
+                shown = str(title) if label is not None else f"{name} {rid}"
+                out.append((name, int(rid), shown, reason or "(no reason recorded)"))
     return out
 
 
@@ -302,6 +335,107 @@ def holdups(engine: Engine) -> Holdups:
         ):
             unverified[where.get(loc_id, ("unknown", str(loc_id)))] = int(n)
     return Holdups(unarchived, stranded, copies, unverified)
+
+
+def holdup_details(engine: Engine, limit: int = 20) -> dict[str, list[tuple[str, ...]]]:
+    """The names behind :class:`Holdups`, for a person (``ccat-transfer status``):
+
+    ``oldest``: per site, the oldest raw data package not archived (site, name, state, built
+    at); ``stranded``: transfer packages with no archive site left (site, name, looked at
+    again at); ``bad``: package copies present without a verified checksum (site, location,
+    package, what the last check found); ``undeletable``: copies whose deletion failed, per
+    location (site, location, count, one reason). At most ``limit`` rows of each.
+    """
+    from . import routing
+
+    now = dt.datetime.now(dt.UTC)
+    site = aliased(Site)
+    out: dict[str, list[tuple[str, ...]]] = {}
+    with Session(engine) as s:
+        first = (
+            select(
+                site.short_name,
+                RawDataPackage.name,
+                RawDataPackage.state,
+                RawDataPackage.created_at,
+                func.row_number()
+                .over(
+                    partition_by=site.short_name,
+                    order_by=(RawDataPackage.created_at, RawDataPackage.id),
+                )
+                .label("n"),
+            )
+            # outer joins: a package without an origin location still shows (site "unknown")
+            .outerjoin(DataLocation, DataLocation.id == RawDataPackage.origin_location_id)
+            .outerjoin(site, site.id == DataLocation.site_id)
+            .where(RawDataPackage.state != PackageState.ARCHIVED)
+            .subquery()
+        )
+        out["oldest"] = [
+            (where or "unknown", name, str(state), f"{_aware(at):%Y-%m-%d %H:%M} UTC")
+            for where, name, state, at in s.execute(
+                select(first.c.short_name, first.c.name, first.c.state, first.c.created_at)
+                .where(first.c.n == 1)
+                .order_by(first.c.created_at)
+                .limit(limit)
+            )
+        ]
+        out["stranded"] = [
+            (where, name, f"{_aware(again):%Y-%m-%d %H:%M} UTC")
+            for where, name, again in s.execute(
+                select(
+                    site.short_name, DataTransferPackage.name, DataTransferPackage.next_attempt_at
+                )
+                .join(DataLocation, DataLocation.id == DataTransferPackage.origin_location_id)
+                .join(site, site.id == DataLocation.site_id)
+                .where(
+                    DataTransferPackage.status == Status.COMPLETED,
+                    DataTransferPackage.next_attempt_at > now,
+                    ~routing.live_primary(DataTransferPackage.id),
+                )
+                .order_by(DataTransferPackage.id)
+                .limit(limit)
+            )
+        ]
+        out["bad"] = [
+            (where, loc, name, reason or "")
+            for where, loc, name, reason in s.execute(
+                select(
+                    site.short_name,
+                    DataLocation.name,
+                    RawDataPackage.name,
+                    PhysicalCopy.failure_reason,
+                )
+                .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
+                .join(site, site.id == DataLocation.site_id)
+                .join(RawDataPackage, RawDataPackage.id == PhysicalCopy.raw_data_package_id)
+                .where(
+                    PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
+                    PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+                    PhysicalCopy.checksum_verified_at.is_(None),
+                )
+                .order_by(PhysicalCopy.id)
+                .limit(limit)
+            )
+        ]
+        out["undeletable"] = [
+            (where, loc, str(n), reason or "")
+            for where, loc, n, reason in s.execute(
+                select(
+                    site.short_name,
+                    DataLocation.name,
+                    func.count(),
+                    func.max(PhysicalCopy.failure_reason),
+                )
+                .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
+                .join(site, site.id == DataLocation.site_id)
+                .where(PhysicalCopy.status == PhysicalCopyStatus.DELETION_FAILED)
+                .group_by(site.short_name, DataLocation.name)
+                .order_by(site.short_name, DataLocation.name)
+                .limit(limit)
+            )
+        ]
+    return out
 
 
 class PipelineCollector:
@@ -515,6 +649,9 @@ def serve(
     if engine is not None:
         REGISTRY.register(PipelineCollector(engine))  # type: ignore[arg-type]
     if worker_site is not None:
+        from .state import KINDS
+
+        TASK_METRICS.start_at_zero([*KINDS, "deletion", "fixity"])
         REGISTRY.register(LocationDiskCollector(worker_site, worker_locations))  # type: ignore[arg-type]
     start_http_server(port, addr=host)
     _served.add(port)

@@ -72,6 +72,11 @@ def test_worker_metrics_move(observed: ObservedStack) -> None:
     a = observed.after
     # the telescope's worker packaged (and failed one package for a missing file)
     ccat_before, ccat = b["worker-ccat"], a["worker-ccat"]
+    # every stage's counts exist at 0 before any task ran, so the first task is an increase
+    started = ccat_before["ccat_transfer_tasks_total"]
+    for stage in ("raw_data_package", "data_transfer", "unpack", "deletion", "fixity"):
+        for result in ("done", "failed"):
+            assert started[(("result", result), ("stage", stage))] == 0, started
     done = total(ccat["ccat_transfer_tasks_total"], stage="raw_data_package", result="done")
     assert done >= 2 > total(ccat_before.get("ccat_transfer_tasks_total", {}))
     assert total(ccat["ccat_transfer_task_failures_total"], stage="raw_data_package") == 1, ccat[

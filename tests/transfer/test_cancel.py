@@ -33,7 +33,7 @@ from ccat_ops_db.enums import (
 from data_transfer import operations, packaging, routing, state
 from data_transfer.errors import NetworkError, StalledTaskError
 from data_transfer.managers import run_pass
-from data_transfer.metrics import holdups
+from data_transfer.metrics import holdup_details, holdups
 from data_transfer.movers import mover_for
 from data_transfer.operations import Context
 from tests.api_server import running_api
@@ -186,6 +186,12 @@ def test_a_package_given_up_everywhere_waits_and_says_so(
     held = holdups(stack.engine)  # what the managers' metrics (and the alert) see
     assert held.stranded == {"ccat": 1, "cologne": 0, "us": 0}, held.stranded
     assert held.unarchived["ccat"][0] == 1 and held.unarchived["ccat"][1] > 0
+    details = holdup_details(stack.engine)  # and what `ccat-transfer status` names
+    with Session(stack.engine) as s:
+        dtp_name = s.scalars(select(m.DataTransferPackage.name)).one()
+        pkg_name = s.scalars(select(m.RawDataPackage.name)).one()
+    assert [(site, name) for site, name, _ in details["stranded"]] == [("ccat", dtp_name)]
+    assert [row[:2] for row in details["oldest"]] == [("ccat", pkg_name)]
     with Session(stack.engine) as s:
         assert PackageState.ARCHIVED not in {p.state for p in s.scalars(select(m.RawDataPackage))}
         source = s.scalars(

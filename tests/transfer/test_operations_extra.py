@@ -189,6 +189,8 @@ def test_cli_queues_status_and_run_once(stack: Stack) -> None:
     assert status.returncode == 0, status.stderr
     assert "long_term_archive_transfer" in status.stdout
     assert "Waiting or retrying" not in status.stdout
+    for nothing_held in ("Failed records", "not archived", "no archive site left", "deleted"):
+        assert nothing_held not in status.stdout, status.stdout
     with Session(stack.engine) as s:
         assert {str(p.state) for p in s.scalars(select(m.RawDataPackage))} == {"archived"}
     # a task no worker ever started is not FAILED, and still shows, with its reason
@@ -209,6 +211,8 @@ def test_cli_queues_status_and_run_once(stack: Stack) -> None:
     waiting = status.stdout[status.stdout.index("Waiting or retrying") :]
     assert "raw_data_package" in waiting and "NotStartedError" in waiting, status.stdout
     assert "Cancelled" not in status.stdout
+    oldest = status.stdout[status.stdout.index("Oldest raw data package not archived") :]
+    assert "never-started" in oldest and "waiting" in oldest, status.stdout
     # a transfer an operator gave up: counted in its column, and by whom
     with Session(stack.engine) as s, s.begin():
         t = s.scalars(select(m.DataTransfer)).first()
@@ -220,6 +224,16 @@ def test_cli_queues_status_and_run_once(stack: Stack) -> None:
     assert "cancelled" in header, status.stdout
     given_up = status.stdout[status.stdout.index("Cancelled (given up") :]
     assert "data_transfer" in given_up and "cancelled by night-shift" in given_up, status.stdout
+    # a record FAILED for good: listed by name with its reason and log path
+    with Session(stack.engine) as s, s.begin():
+        pkg = s.scalars(select(m.RawDataPackage).where(m.RawDataPackage.name == "never-started"))
+        pkg = pkg.one()
+        pkg.status = Status.FAILED
+        pkg.failure_reason = "PackageError: a file changed size since filing (log: /l/rdp-9.log)"
+    status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    failed = status.stdout[status.stdout.index("Failed records (latest 20 per stage)") :]
+    assert "never-started" in failed and "/l/rdp-9.log" in failed, status.stdout
 
 
 def test_pipeline_metrics_show_backlog_and_failures(stack: Stack) -> None:

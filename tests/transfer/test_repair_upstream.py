@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import PackageState, PhysicalCopyStatus, Status
 from data_transfer.checksums import hash_file
-from data_transfer.metrics import holdups
+from data_transfer.metrics import holdup_details, holdups
 from data_transfer.operations import Context
 from tests.transfer.stack import Stack, passes
 from tests.transfer.test_pipeline import check_archive_bytes, ctx_for, run_until_quiet
@@ -166,7 +166,7 @@ def test_a_copy_that_cannot_be_rebuilt_stops_visibly_and_nothing_is_deleted(
         tar = stack.roots["ccat/buffer"] / pkg.relative_path
         biggest = max(pkg.files, key=lambda f: f.size)
         src = stack.roots["ccat/primecam_raw_data"] / biggest.relative_path
-        pkg_id = pkg.id
+        pkg_id, pkg_name = pkg.id, pkg.name
     flip(tar)
     flip(src)  # the file at the SOURCE rotted too: there is nothing good to rebuild from
     for _ in range(4):
@@ -180,6 +180,9 @@ def test_a_copy_that_cannot_be_rebuilt_stops_visibly_and_nothing_is_deleted(
         assert copy.checksum_verified_at is None  # marked bad
         assert copy.status == PhysicalCopyStatus.PRESENT  # kept for a person to look at
     assert holdups(stack.engine).unverified == {("ccat", "buffer"): 1}  # the metric says so
+    [(site, where, name, found)] = holdup_details(stack.engine)["bad"]  # status names it
+    assert (site, where) == ("ccat", "buffer") and name == pkg_name, (site, where, name)
+    assert "could not be rebuilt" in found, found
     run_until_quiet(ctx)
     with Session(stack.engine) as s:
         assert s.get(m.RawDataPackage, pkg_id).state != PackageState.ARCHIVED
