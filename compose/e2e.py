@@ -17,6 +17,10 @@
    file inside the tar against the checksum the instrument computed when it wrote it, and the
    metadata sidecar;
 8. ``down -v`` (also on failure; ``--keep`` leaves the stack up) and print a summary.
+9. (during 5-7) Prometheus of the ``monitoring`` profile, started once the stack is healthy,
+   scrapes it the whole run: afterwards every target of compose/prometheus/prometheus.yml is
+   up, it loaded every alerting rule of charts/*/files/alerts.yml and evaluates each without
+   error, its gauges show every package archived, and no alert fires.
 
 Exit 0 only when every check passed. Secrets are random per run and live only in the
 environment of the compose processes; ports are free ports on 127.0.0.1.
@@ -372,6 +376,101 @@ def verify_s3(
     )
 
 
+def start_prometheus(stack: Stack, report: Report) -> bool:
+    """Start the monitoring profile's Prometheus; True once it answers ``/-/ready``."""
+    import httpx
+
+    t0 = time.monotonic()
+    stack.compose("--profile", "monitoring", "up", "-d", "--no-deps", "prometheus", capture=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{stack.prometheus_url}/-/ready", timeout=2).status_code == 200:
+                report.time("prometheus up and ready", time.monotonic() - t0)
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    report.check("prometheus ready", False, stack.logs("prometheus"))
+    return False
+
+
+def check_prometheus(stack: Stack, report: Report, timeout: float = 120.0) -> None:
+    """Targets up, every rule loaded and evaluated without error, the pipeline's end seen in
+    the managers' gauges (a scrape after the last package was archived), no alert firing."""
+    import httpx
+    import yaml
+
+    base = f"{stack.prometheus_url}/api/v1"
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        r = httpx.get(f"{base}/query", params={"query": expr}, timeout=10)
+        r.raise_for_status()
+        return r.json()["data"]["result"]
+
+    config = yaml.safe_load((REPO / "compose/prometheus/prometheus.yml").read_text())
+    expected = {
+        (job["job_name"], target)
+        for job in config["scrape_configs"]
+        for group in job["static_configs"]
+        for target in group["targets"]
+    }
+    rule_files = sorted(REPO.glob("charts/*/files/alerts.yml"))
+    alerts = {
+        rule["alert"]
+        for path in rule_files
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    deadline = time.monotonic() + timeout
+    while True:
+        targets = httpx.get(f"{base}/targets", timeout=10).json()["data"]["activeTargets"]
+        up = {(t["labels"]["job"], t["labels"]["instance"]) for t in targets if t["health"] == "up"}
+        rules = [
+            r
+            for g in httpx.get(f"{base}/rules", timeout=10).json()["data"]["groups"]
+            for r in g["rules"]
+            if r["type"] == "alerting"
+        ]
+        # a rule not evaluated yet carries the zero time
+        evaluated = bool(rules) and not [r for r in rules if r["lastEvaluation"][:4] == "0001"]
+        archived = query("max(ccat_transfer_unarchived_packages) == 0")  # empty: not yet
+        if (up >= expected and evaluated and archived) or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    down = sorted(f"{job} {target}" for job, target in expected - up)
+    report.check(
+        "prometheus: every scrape target of prometheus.yml up",
+        not down,
+        f"{len(expected - set(down))}/{len(expected)} up" + (f"; down: {down}" if down else ""),
+    )
+    loaded = {r["name"] for r in rules}
+    broken = [f"{r['name']}: {r.get('lastError')}" for r in rules if r.get("health") != "ok"]
+    report.check(
+        "prometheus: every alerting rule loaded and evaluated without error",
+        loaded == alerts and not broken,
+        f"{len(loaded)}/{len(alerts)} rules from {len(rule_files)} files"
+        + (f"; missing {sorted(alerts - loaded)}" if alerts - loaded else "")
+        + (f"; errors {broken}" if broken else ""),
+    )
+    workers = query('count(ccat_transfer_location_free_bytes{location_type="buffer"})')
+    report.check(
+        "prometheus: the managers' gauges show every package archived",
+        bool(archived),
+        "ccat_transfer_unarchived_packages 0 at every site; buffers watched: "
+        + (workers[0]["value"][1] if workers else "none"),
+    )
+    firing = query('ALERTS{alertstate="firing"}')
+    pending = sorted({a["metric"]["alertname"] for a in query('ALERTS{alertstate="pending"}')})
+    report.check(
+        "prometheus: no alert firing",
+        not firing,
+        ", ".join(sorted(a["metric"]["alertname"] for a in firing)) or "none",
+    )
+    report.facts.append(("alerts pending at the end", ", ".join(pending) or "none"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the whole-stack test; 0 when every check passed."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -412,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             "stack healthy, one-shots exited 0", True, f"{len(stack.containers())} containers"
         )
         non_root(stack, report)
+        prometheus = start_prometheus(stack, report)
 
         instrument_token = make_token(stack, "e2e-instrument", "instrument", ["read", "file"])
         reader_token = make_token(stack, "e2e-reader", "reader", ["read"])
@@ -444,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         verify_s3(stack, client, filed, state, report)
         report.time("verify S3 objects", time.monotonic() - t0)
+        if prometheus:
+            t0 = time.monotonic()
+            check_prometheus(stack, report)
+            report.time("prometheus checks", time.monotonic() - t0)
         retries = sum(a["retry_count"] for a in state["ltas"])
         report.facts.append(("archive transfers", f"{len(state['ltas'])}, {retries} retries"))
         client.close()

@@ -6,8 +6,8 @@
 #      Debian packages: debootstrap --variant=minbase + docker import;
 #   2. stand-ins for the third-party images, tagged with the names the compose file uses by
 #      default, so the same compose file comes up here and where those images are pulled:
-#      PostgreSQL and Redis from Debian's packages, the S3 server (moto) from PyPI wheels
-#      downloaded on the host (scripts/images/*.Dockerfile);
+#      PostgreSQL, Redis and Prometheus (profile "monitoring") from Debian's packages, the S3
+#      server (moto) from PyPI wheels downloaded on the host (scripts/images/*.Dockerfile);
 #   3. the CCAT image from ./Dockerfile, installing offline from wheels downloaded on the host
 #      into compose/wheelhouse/ (pinned to the versions of the project's virtualenv).
 #
@@ -16,10 +16,11 @@
 # Needs docker, and for step 1 debootstrap and root (or sudo). Package mirrors: debootstrap's
 # default, or DEBIAN_MIRROR=URL. Prints a table of what it did and how long it took.
 #
-# Environment: BASE_IMAGE CCAT_IMAGE POSTGRES_IMAGE REDIS_IMAGE S3_IMAGE (defaults: the
-# compose file's), DEBIAN_SUITE (bookworm), DEBIAN_MIRROR, PYTHON (a Python whose installed
-# versions pin the wheels; default .venv/bin/python, skipped when missing), HOST_CA_BUNDLE,
-# PIP_CACHE, FORCE, ONLY (space-separated subset of: base postgres redis s3 ccat).
+# Environment: BASE_IMAGE CCAT_IMAGE POSTGRES_IMAGE REDIS_IMAGE S3_IMAGE PROMETHEUS_IMAGE
+# (defaults: the compose file's), DEBIAN_SUITE (bookworm), DEBIAN_MIRROR, PYTHON (a Python whose
+# installed versions pin the wheels; default .venv/bin/python, skipped when missing),
+# HOST_CA_BUNDLE, PIP_CACHE, FORCE, ONLY (space-separated subset of: base postgres redis
+# prometheus s3 ccat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -35,10 +36,11 @@ CCAT_IMAGE=${CCAT_IMAGE:-$(compose_default CCAT_IMAGE)}
 POSTGRES_IMAGE=${POSTGRES_IMAGE:-$(compose_default POSTGRES_IMAGE)}
 REDIS_IMAGE=${REDIS_IMAGE:-$(compose_default REDIS_IMAGE)}
 S3_IMAGE=${S3_IMAGE:-$(compose_default S3_IMAGE)}
+PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-$(compose_default PROMETHEUS_IMAGE)}
 DEBIAN_SUITE=${DEBIAN_SUITE:-bookworm}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-}
 FORCE=${FORCE:-0}
-ONLY=${ONLY:-base postgres redis s3 ccat}
+ONLY=${ONLY:-base postgres redis prometheus s3 ccat}
 PYTHON=${PYTHON:-.venv/bin/python}
 HOST_CA_BUNDLE=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 PIP_CACHE=${PIP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ccat-build-images/pip}
@@ -187,6 +189,18 @@ if wanted redis; then
             --build-arg REDIS_MAJOR="$major" -f scripts/images/redis.Dockerfile scripts/images \
             >/dev/null
         record redis "$REDIS_IMAGE" built $(($(date +%s) - t0))
+    fi
+fi
+
+if wanted prometheus; then
+    t0=$(date +%s)
+    if have_image "$PROMETHEUS_IMAGE" && [ "$FORCE" != 1 ]; then
+        record prometheus "$PROMETHEUS_IMAGE" kept 0
+    else
+        note "stand-in $PROMETHEUS_IMAGE: Debian's prometheus"
+        docker build --quiet -t "$PROMETHEUS_IMAGE" --build-arg BASE_IMAGE="$BASE_IMAGE" \
+            -f scripts/images/prometheus.Dockerfile scripts/images >/dev/null
+        record prometheus "$PROMETHEUS_IMAGE" built $(($(date +%s) - t0))
     fi
 fi
 
