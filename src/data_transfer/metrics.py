@@ -274,10 +274,30 @@ class Holdups:
     unverified: dict[tuple[str, str], int]
 
 
+def _stranded(now: dt.datetime) -> tuple[Any, ...]:
+    """Transfer packages built whose every way to an archive site was cancelled: the transfer
+    packages manager puts them off (``next_attempt_at`` ahead) and keeps no live primary."""
+    from . import routing
+
+    return (
+        DataTransferPackage.status == Status.COMPLETED,
+        DataTransferPackage.next_attempt_at > now,
+        ~routing.live_primary(DataTransferPackage.id),
+    )
+
+
+#: Package copies present without a verified checksum: found bad and not repaired (the
+#: partial index ix_physical_copy_unverified).
+_UNVERIFIED = (
+    PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
+    PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
+    PhysicalCopy.checksum_verified_at.is_(None),
+)
+
+
 def holdups(engine: Engine) -> Holdups:
     """Read :class:`Holdups` from the database: a few aggregate queries, each on an index
     (raw data packages by state, the live-copies index, the unverified-copies index)."""
-    from . import routing
 
     now = dt.datetime.now(dt.UTC)
     with Session(engine) as s:
@@ -306,11 +326,7 @@ def holdups(engine: Engine) -> Holdups:
         stranded: dict[str, int] = {site: 0 for site in sites}
         for loc_id, n in s.execute(
             select(DataTransferPackage.origin_location_id, func.count())
-            .where(
-                DataTransferPackage.status == Status.COMPLETED,
-                DataTransferPackage.next_attempt_at > now,
-                ~routing.live_primary(DataTransferPackage.id),
-            )
+            .where(*_stranded(now))
             .group_by(DataTransferPackage.origin_location_id)
         ):
             site = where.get(loc_id, ("unknown", ""))[0]
@@ -326,11 +342,7 @@ def holdups(engine: Engine) -> Holdups:
         unverified: dict[tuple[str, str], int] = {}
         for loc_id, n in s.execute(
             select(PhysicalCopy.data_location_id, func.count())
-            .where(
-                PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
-                PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
-                PhysicalCopy.checksum_verified_at.is_(None),
-            )
+            .where(*_UNVERIFIED)
             .group_by(PhysicalCopy.data_location_id)
         ):
             unverified[where.get(loc_id, ("unknown", str(loc_id)))] = int(n)
@@ -346,7 +358,6 @@ def holdup_details(engine: Engine, limit: int = 20) -> dict[str, list[tuple[str,
     package, what the last check found); ``undeletable``: copies whose deletion failed, per
     location (site, location, count, one reason). At most ``limit`` rows of each.
     """
-    from . import routing
 
     now = dt.datetime.now(dt.UTC)
     site = aliased(Site)
@@ -388,11 +399,7 @@ def holdup_details(engine: Engine, limit: int = 20) -> dict[str, list[tuple[str,
                 )
                 .join(DataLocation, DataLocation.id == DataTransferPackage.origin_location_id)
                 .join(site, site.id == DataLocation.site_id)
-                .where(
-                    DataTransferPackage.status == Status.COMPLETED,
-                    DataTransferPackage.next_attempt_at > now,
-                    ~routing.live_primary(DataTransferPackage.id),
-                )
+                .where(*_stranded(now))
                 .order_by(DataTransferPackage.id)
                 .limit(limit)
             )
@@ -409,11 +416,7 @@ def holdup_details(engine: Engine, limit: int = 20) -> dict[str, list[tuple[str,
                 .join(DataLocation, DataLocation.id == PhysicalCopy.data_location_id)
                 .join(site, site.id == DataLocation.site_id)
                 .join(RawDataPackage, RawDataPackage.id == PhysicalCopy.raw_data_package_id)
-                .where(
-                    PhysicalCopy.copy_type == CopyType.RAW_DATA_PACKAGE,
-                    PhysicalCopy.status == PhysicalCopyStatus.PRESENT,
-                    PhysicalCopy.checksum_verified_at.is_(None),
-                )
+                .where(*_UNVERIFIED)
                 .order_by(PhysicalCopy.id)
                 .limit(limit)
             )
