@@ -90,7 +90,7 @@ def test_the_unit_tests_can_fail(tmp_path: Path) -> None:
     broken = rules.replace(
         "max by (stage, reason) (ccat_transfer_failed_records)",
         "sum by (stage, reason) (ccat_transfer_failed_records)",
-    ).replace("unless on (stage)", "and on (stage)")
+    ).replace("unless on (stage, site)", "and on (stage, site)")
     assert broken != rules
     (tmp_path / "charts/ccat-transfer/files").mkdir(parents=True)
     (tmp_path / "charts/ccat-transfer/files/alerts.yml").write_text(broken)

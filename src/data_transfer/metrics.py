@@ -45,7 +45,9 @@ from ccat_ops_db.models import (
 log = logging.getLogger("data_transfer.metrics")
 
 _TASKS = Counter(
-    "ccat_transfer_tasks_total", "Transfer tasks finished, by stage and result", ["stage", "result"]
+    "ccat_transfer_tasks_total",
+    "Transfer tasks finished, by stage, result and the site of the worker that ran them",
+    ["stage", "result", "site"],
 )
 _FAILURES = Counter(
     "ccat_transfer_task_failures_total",
@@ -67,7 +69,14 @@ _SECONDS = Histogram(
 
 
 class TaskMetrics:
-    """Counters the workers update."""
+    """Counters the workers update.
+
+    ``site`` is the worker's ``--site`` (set by :func:`serve`; empty where tasks run inline):
+    the site whose queues the worker serves, the same site the managers' backlog gauges name,
+    so a stage that stalls at one site shows even while it progresses at another.
+    """
+
+    site: str = ""
 
     def start_at_zero(self, stages: Iterable[str]) -> None:
         """Export the done and failed counts of ``stages`` at 0 from the start. A series that
@@ -75,17 +84,17 @@ class TaskMetrics:
         worker finishes after a (re)start would be missed (CCATTransferStalled reads them)."""
         for stage in stages:
             for result in ("done", "failed"):
-                _TASKS.labels(stage, result)
+                _TASKS.labels(stage, result, self.site)
 
     def done(self, stage: str, seconds: float) -> None:
         """A task of ``stage`` finished."""
-        _TASKS.labels(stage, "done").inc()
+        _TASKS.labels(stage, "done", self.site).inc()
         if seconds:
             _SECONDS.labels(stage).observe(seconds)
 
     def failed(self, stage: str, reason: str) -> None:
         """A task of ``stage`` failed with exception class ``reason``."""
-        _TASKS.labels(stage, "failed").inc()
+        _TASKS.labels(stage, "failed", self.site).inc()
         _FAILURES.labels(stage, reason).inc()
 
     def bytes(self, stage: str, n: int) -> None:
@@ -654,6 +663,7 @@ def serve(
     if worker_site is not None:
         from .state import KINDS
 
+        TASK_METRICS.site = worker_site
         TASK_METRICS.start_at_zero([*KINDS, "deletion", "fixity"])
         REGISTRY.register(LocationDiskCollector(worker_site, worker_locations))  # type: ignore[arg-type]
     start_http_server(port, addr=host)

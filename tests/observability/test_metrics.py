@@ -76,8 +76,10 @@ def test_worker_metrics_move(observed: ObservedStack) -> None:
     started = ccat_before["ccat_transfer_tasks_total"]
     for stage in ("raw_data_package", "data_transfer", "unpack", "deletion", "fixity"):
         for result in ("done", "failed"):
-            assert started[(("result", result), ("stage", stage))] == 0, started
-    done = total(ccat["ccat_transfer_tasks_total"], stage="raw_data_package", result="done")
+            assert started[(("result", result), ("site", "ccat"), ("stage", stage))] == 0, started
+    done = total(
+        ccat["ccat_transfer_tasks_total"], stage="raw_data_package", result="done", site="ccat"
+    )
     assert done >= 2 > total(ccat_before.get("ccat_transfer_tasks_total", {}))
     assert total(ccat["ccat_transfer_task_failures_total"], stage="raw_data_package") == 1, ccat[
         "ccat_transfer_task_failures_total"
