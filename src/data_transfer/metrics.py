@@ -234,17 +234,22 @@ def _backlog_queries() -> Iterable[tuple[str, Any]]:
     )
 
 
+def _locations(s: Session) -> dict[int, tuple[str, str]]:
+    """Every data location's id -> (site short name, location name)."""
+    rows = s.execute(
+        select(DataLocation.id, Site.short_name, DataLocation.name).join(
+            Site, DataLocation.site_id == Site.id
+        )
+    )
+    return {loc_id: (site, name) for loc_id, site, name in rows}
+
+
 def backlog(engine: Engine) -> dict[tuple[str, str], tuple[int, float]]:
     """Items waiting or running per (stage, site), with the age in seconds of the oldest."""
     now = dt.datetime.now(dt.UTC)
     out: dict[tuple[str, str], tuple[int, float]] = {}
     with Session(engine) as s:
-        site_of = {
-            loc_id: short
-            for loc_id, short in s.execute(
-                select(DataLocation.id, Site.short_name).join(Site, DataLocation.site_id == Site.id)
-            )
-        }
+        site_of = {loc_id: site for loc_id, (site, _) in _locations(s).items()}
         sites = sorted(set(site_of.values()))
         for stage, query in _backlog_queries():
             per_site: dict[str, tuple[int, dt.datetime | None]] = {
@@ -310,14 +315,7 @@ def holdups(engine: Engine) -> Holdups:
 
     now = dt.datetime.now(dt.UTC)
     with Session(engine) as s:
-        where: dict[int, tuple[str, str]] = {
-            loc_id: (site, name)
-            for loc_id, site, name in s.execute(
-                select(DataLocation.id, Site.short_name, DataLocation.name).join(
-                    Site, DataLocation.site_id == Site.id
-                )
-            )
-        }
+        where = _locations(s)
         sites = sorted({site for site, _ in where.values()})
         unarchived: dict[str, tuple[int, float]] = {site: (0, 0.0) for site in sites}
         for loc_id, n, since in s.execute(
