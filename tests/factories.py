@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -13,8 +14,11 @@ from ccat_ops_db import models as m
 T0 = dt.datetime(2026, 5, 1, 3, 0, tzinfo=dt.UTC)
 
 
-def populate_every_table(session: Session) -> dict[str, Any]:
-    """Create one connected example of every model; returns the main objects by name."""
+def populate_every_table(session: Session, without: Collection[str] = ()) -> dict[str, Any]:
+    """Create one connected example of every model; returns the main objects by name.
+
+    ``without``: tables to leave empty (a table a later revision adds, for a test that works
+    at an earlier one)."""
     obs = m.Observatory(name="CCAT Observatory")
     tel = m.Telescope(name="FYST", short_name="fyst", observatory=obs, elevation_m=5600)
     chai = m.Instrument(name="CHAI", telescope=tel, instrument_type="heterodyne")
@@ -138,6 +142,17 @@ def populate_every_table(session: Session) -> dict[str, Any]:
         method="POST", path="/api/v1/raw_data_files", status_code=201, item_count=1
     )
     session.add(audit)
+    if "operator_notice" not in without:
+        session.add(
+            m.OperatorNotice(
+                kind="failed",
+                subject="data_transfer:1",
+                site="ccat",
+                summary="transfer failed for good",
+                detail="NetworkError: connection refused (log: /l/1.log)",
+                delivered={"webhook": "2026-12-07T19:00:00+00:00"},
+            )
+        )
     session.add_all([meta, f, file_copy, pkg_copy, dtp_copy, lta_transfer, token, job, *logs])
     session.flush()
     return {

@@ -397,3 +397,27 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     )
     assert missing.returncode != 0
     assert "PASSWORD" in missing.stderr or "S3_" in missing.stderr
+
+
+NOTIFY_SECRETS = ("CCAT_TRANSFER_NOTIFY_WEBHOOK_URL", "CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD")
+
+
+def test_notification_settings_reach_the_managers_only_from_the_environment(
+    services: dict[str, Any],
+) -> None:
+    """Operator notifications: the managers alone get every CCAT_TRANSFER_NOTIFY_* setting,
+    each passed through as ${VAR:-} (optional; no value written here), and .env.example
+    names the two secrets only as commented placeholders."""
+    from data_transfer.settings import TransferSettings
+
+    fields = TransferSettings.model_fields
+    wanted = {f"CCAT_TRANSFER_{n.upper()}" for n in fields if n.startswith("notify_")}
+    for name, svc in services.items():
+        keys = {k for k, _ in _env_items(svc) if k.startswith("CCAT_TRANSFER_NOTIFY_")}
+        assert keys == (wanted if name == "managers" else set()), name
+    for key, value in _env_items(services["managers"]):
+        if key in wanted:
+            assert value == f"${{{key}:-}}", f"managers: {key} must be passed through: {value!r}"
+    example = (COMPOSE_DIR / ".env.example").read_text()
+    for key in NOTIFY_SECRETS:
+        assert re.search(rf"^#{key}=<[a-z0-9-]+>$", example, re.MULTILINE), key

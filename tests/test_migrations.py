@@ -18,8 +18,11 @@ from .factories import populate_every_table
 def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every model table, sorted, for before/after comparisons."""
     result = {}
+    present = set(inspect(engine).get_table_names())
     with engine.connect() as conn:
         for table in Base.metadata.sorted_tables:
+            if table.name not in present:  # a later revision's table, below that revision
+                continue
             rows = conn.execute(select(table)).all()
             result[table.name] = sorted((tuple(r) for r in rows), key=repr)
     return result
@@ -141,6 +144,10 @@ def restore_rows(engine: Engine, dump: dict[str, list[dict[str, Any]]]) -> None:
                 conn.execute(table.insert(), dump[table.name])
 
 
+#: Tables created after the first revision, and the revision that creates them.
+LATER_TABLES = {"operator_notice": "0006"}
+
+
 def test_every_row_survives_head_first_revision_head(db_url: str) -> None:
     """Rows in every table at head survive a downgrade to the first revision and back.
 
@@ -154,12 +161,20 @@ def test_every_row_survives_head_first_revision_head(db_url: str) -> None:
     first = snapshot(engine)
     assert [name for name, rows in first.items() if not rows] == []
     first_revision = next(rev for rev, down, _doc in mig.history() if down is None)
+    # A table a later revision creates goes with its downgrade, rows and all: it comes back
+    # empty. Every other table keeps every row.
+    kept = {name: rows for name, rows in first.items() if name not in LATER_TABLES}
     for _ in range(2):
         mig.downgrade(db_url, first_revision)
         assert mig.current_revision(engine) == first_revision
+        assert not set(LATER_TABLES) & set(inspect(engine).get_table_names())
         mig.upgrade(db_url)
         assert mig.current_revision(engine) == mig.head_revision()
-        assert snapshot(engine) == first, "a row changed or went missing on the round trip"
+        again = snapshot(engine)
+        assert {name: again[name] for name in kept} == kept, (
+            "a row changed or went missing on the round trip"
+        )
+        assert all(again[name] == [] for name in LATER_TABLES)
     assert mig.schema_diff(engine) == []
 
 
@@ -366,8 +381,11 @@ def snapshot_without_claims(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
     """:func:`snapshot` without the 0005 claim counters (readable at 0004 too)."""
     claims = set(CLAIM_COLUMNS)
     result = {}
+    present = set(inspect(engine).get_table_names())
     with engine.connect() as conn:
         for table in Base.metadata.sorted_tables:
+            if table.name not in present:  # a later revision's table, below that revision
+                continue
             cols = [c for c in table.c if (table.name, c.name) not in claims]
             rows = conn.execute(select(*cols)).all()
             result[table.name] = sorted((tuple(r) for r in rows), key=repr)
@@ -385,9 +403,9 @@ def test_0005_upgrade_keeps_existing_rows_and_gives_them_claim_count_0(db_url: s
     """Rows that exist at 0004 survive the upgrade to 0005 unchanged and get 0 in every new
     counter (NOT NULL, server default '0', INTEGER, as the models declare)."""
     engine = make_engine(db_url)
-    mig.upgrade(db_url)
+    mig.upgrade(db_url, "0005")
     with Session(engine) as s, s.begin():
-        populate_every_table(s)
+        populate_every_table(s, without=LATER_TABLES)
     first = snapshot(engine)
     with engine.begin() as conn:
         for table, column in CLAIM_COLUMNS:
@@ -413,6 +431,7 @@ def test_0005_upgrade_keeps_existing_rows_and_gives_them_claim_count_0(db_url: s
             assert str(col["default"]).strip("'") == "0", (table, column, col["default"])
             model = Base.metadata.tables[table].c[column]
             assert not model.nullable and model.server_default.arg == "0", (table, column)
+    mig.upgrade(db_url)
     assert mig.schema_diff(engine) == []
 
 
@@ -423,10 +442,10 @@ def test_0005_downgrade_drops_the_counters_and_restores_the_0004_schema(db_url: 
     engine = make_engine(db_url)
     mig.upgrade(db_url, "0004")
     at_0004 = schema_of(engine)
-    mig.upgrade(db_url)
+    mig.upgrade(db_url, "0005")
     assert claim_columns_present(engine) == set(CLAIM_COLUMNS)
     with Session(engine) as s, s.begin():
-        populate_every_table(s)
+        populate_every_table(s, without=LATER_TABLES)
     before = snapshot_without_claims(engine)
 
     mig.downgrade(db_url, "0004")
@@ -461,7 +480,7 @@ def test_0005_offline_sql_adds_and_drops_the_counters(db_url: str, tmp_path: Any
     engine = make_engine(db_url)
     mig.upgrade(db_url, "0004")
     at_0004 = schema_of(engine)
-    mig.upgrade(db_url)
+    mig.upgrade(db_url, "0005")
     statements = [
         "\n".join(line for line in part.splitlines() if not line.startswith("--")).strip()
         for part in down.split(";\n")
@@ -479,3 +498,42 @@ def test_0005_offline_sql_adds_and_drops_the_counters(db_url: str, tmp_path: Any
     assert mig.current_revision(engine) == "0004"
     assert claim_columns_present(engine) == set()
     assert schema_of(engine) == at_0004
+
+
+def test_0006_adds_operator_notices_with_one_open_notice_per_subject(db_url: str) -> None:
+    """0006 creates ``operator_notice`` beside rows that exist at 0005 (untouched); its partial
+    unique index allows one open notice per (kind, subject) and any number of cleared ones;
+    the downgrade drops the table and leaves exactly the 0005 schema."""
+    from sqlalchemy.exc import IntegrityError
+
+    engine = make_engine(db_url)
+    mig.upgrade(db_url, "0005")
+    at_0005 = schema_of(engine)
+    with Session(engine) as s, s.begin():
+        populate_every_table(s, without=LATER_TABLES)
+    before = snapshot(engine)
+    mig.upgrade(db_url, "0006")
+    after = snapshot(engine)
+    assert after.pop("operator_notice") == []
+    assert after == before
+
+    insert = text(
+        "INSERT INTO operator_notice (kind, subject, summary, first_seen_at, last_seen_at,"
+        " cleared_at, delivered, cleared_delivered)"
+        " VALUES ('failed', 'data_transfer:1', 'x', :t, :t, :cleared, '{}', '{}')"
+    )
+    now = "2026-12-07 19:00:00+00:00"
+    with engine.begin() as conn:
+        conn.execute(insert, {"t": now, "cleared": now})
+        conn.execute(insert, {"t": now, "cleared": now})  # cleared twice: history
+        conn.execute(insert, {"t": now, "cleared": None})  # open once
+    with (
+        pytest.raises(IntegrityError, match=r"ix_operator_notice_open|UNIQUE"),
+        engine.begin() as conn,
+    ):
+        conn.execute(insert, {"t": now, "cleared": None})
+    assert mig.schema_diff(engine) == []
+
+    mig.downgrade(db_url, "0005")
+    assert schema_of(engine) == at_0005
+    assert snapshot(engine) == before

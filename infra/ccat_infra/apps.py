@@ -15,6 +15,7 @@ import pulumi_kubernetes as k8s
 
 from .config import CHARTS, Settings
 from .database import Database
+from .notify import Notifications
 from .redis import Redis
 from .s3 import S3Credentials
 
@@ -178,6 +179,7 @@ class Transfer(pulumi.ComponentResource):
         db: Database,
         redis: Redis,
         s3: S3Credentials,
+        notifications: Notifications,
         migration: Migration,
         opts: pulumi.ResourceOptions | None = None,
     ):
@@ -188,6 +190,8 @@ class Transfer(pulumi.ComponentResource):
             "broker": {"urlSecret": {"name": redis.url_secret, "key": "url"}, "port": redis.port},
             "transfer": settings.transfer_settings,
             "s3": {"endpointUrl": settings.s3_endpoint_url, "credentials": s3.credentials},
+            # the managers' webhook and mail: the Secret's name and keys, and their egress
+            "notifications": notifications.values,
             "workerDefaults": {
                 "replicas": settings.worker_replicas,
                 "concurrency": 2,
@@ -212,12 +216,10 @@ class Transfer(pulumi.ComponentResource):
         if settings.transfer_egress is not None:
             values["networkPolicy"]["transferEgress"] = settings.transfer_egress
         self.values = values
+        depends_on: list[pulumi.Resource] = [migration.release, redis.secret, s3.secret]
+        if notifications.secret is not None:
+            depends_on.append(notifications.secret)
         self.release = _release(
-            "ccat-transfer",
-            "ccat-transfer",
-            namespace,
-            values,
-            self,
-            [migration.release, redis.secret, s3.secret],
+            "ccat-transfer", "ccat-transfer", namespace, values, self, depends_on
         )
         self.register_outputs({"status": self.release.status})

@@ -24,6 +24,11 @@ ENVIRONMENTS = ("development", "staging", "production")
 DURATION = re.compile(
     r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 )
+# settings that are secrets: only as Pulumi secrets (these keys), never in ccat:transfer.settings
+SECRET_SETTINGS = {
+    "CCAT_TRANSFER_NOTIFY_WEBHOOK_URL": "notifyWebhookUrl",
+    "CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD": "notifySmtpPassword",
+}
 
 
 class ConfigError(ValueError):
@@ -144,6 +149,7 @@ class Settings:
     transfer_settings: dict[str, str]
     workers: list[dict[str, Any]] | None
     transfer_egress: list[dict[str, Any]] | None
+    transfer_notify_egress: list[dict[str, Any]] | None
     topology_file: Path
     monitoring_namespace: str
     monitoring: MonitoringConfig
@@ -349,11 +355,16 @@ def load(cfg: pulumi.Config | None = None) -> Settings:
         raise ConfigError("ccat:s3.archives must be a list of credentials_env_prefix names")
 
     tr = _obj(cfg, "transfer")
-    _known("transfer", tr, {"workerReplicas", "settings", "workers", "egress"})
+    _known("transfer", tr, {"workerReplicas", "settings", "workers", "egress", "notifyEgress"})
     settings_map = {str(k): str(v) for k, v in (tr.get("settings") or {}).items()}
     bad = [k for k in settings_map if not k.startswith("CCAT_TRANSFER_")]
     if bad:
         raise ConfigError(f"ccat:transfer.settings: keys must start with CCAT_TRANSFER_: {bad}")
+    for key in sorted(set(settings_map) & set(SECRET_SETTINGS)):
+        raise ConfigError(
+            f"ccat:transfer.settings: {key} is a secret; set it with "
+            f"`pulumi config set --secret ccat:{SECRET_SETTINGS[key]} ...` instead"
+        )
     workers = tr.get("workers")
     if workers is not None and not isinstance(workers, list):
         raise ConfigError(
@@ -363,6 +374,17 @@ def load(cfg: pulumi.Config | None = None) -> Settings:
     egress = tr.get("egress")
     if egress is not None and not isinstance(egress, list):
         raise ConfigError("ccat:transfer.egress must be a list of NetworkPolicy egress rules")
+    # the managers' egress for operator notifications (default: notify.py works it out)
+    notify_egress = tr.get("notifyEgress")
+    if notify_egress is not None and (
+        not isinstance(notify_egress, list)
+        or not notify_egress
+        or not all(isinstance(r, dict) and r.get("ports") for r in notify_egress)
+    ):
+        raise ConfigError(
+            "ccat:transfer.notifyEgress must be a non-empty list of NetworkPolicy egress rules, "
+            "each with its ports"
+        )
 
     topology = cfg.get("topologyFile")
     topology_file = (REPO / topology) if topology else DEFAULT_TOPOLOGY
@@ -386,6 +408,7 @@ def load(cfg: pulumi.Config | None = None) -> Settings:
         transfer_settings=settings_map,
         workers=workers,
         transfer_egress=egress,
+        transfer_notify_egress=notify_egress,
         topology_file=topology_file,
         monitoring_namespace=monitoring_namespace,
         monitoring=_monitoring(cfg, monitoring_namespace),

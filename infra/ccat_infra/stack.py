@@ -11,6 +11,7 @@ from .apps import Api, Migration, Transfer
 from .database import Database
 from .ingress import Ingress
 from .namespace import Namespace
+from .notify import Notifications
 from .redis import Redis
 from .s3 import S3Credentials
 
@@ -24,6 +25,7 @@ class DataCenter:
     database: Database
     redis: Redis
     s3: S3Credentials
+    notifications: Notifications
     migration: Migration
     api: Api
     transfer: Transfer
@@ -39,18 +41,26 @@ def deploy(settings: config_mod.Settings | None = None) -> DataCenter:
     redis_password = cfg.require_secret("redisPassword")
     s3_key_id = cfg.require_secret("s3AccessKeyId")
     s3_secret = cfg.require_secret("s3SecretAccessKey")
+    # optional: the managers' operator notifications (a webhook, e-mail through a login)
+    notify_webhook_url = cfg.get_secret("notifyWebhookUrl")
+    notify_smtp_password = cfg.get_secret("notifySmtpPassword")
 
     ns = Namespace("ccat", settings)
     after_ns = pulumi.ResourceOptions(depends_on=[ns])
     database = Database("ccat-db", settings, ns.name, db_password, opts=after_ns)
     redis = Redis("ccat-redis", settings, ns.name, redis_password, opts=after_ns)
     s3 = S3Credentials("ccat-s3", settings, ns.name, s3_key_id, s3_secret, opts=after_ns)
+    notifications = Notifications(
+        "ccat-notify", settings, ns.name, notify_webhook_url, notify_smtp_password, opts=after_ns
+    )
     db_ready: list[pulumi.Resource] = [database.secret]
     if database.cluster is not None:
         db_ready.append(database.cluster)
     migration = Migration("ccat-migrate", settings, ns.name, database, db_ready)
     api = Api("ccat-api", settings, ns.name, database, migration)
-    transfer = Transfer("ccat-transfer", settings, ns.name, database, redis, s3, migration)
+    transfer = Transfer(
+        "ccat-transfer", settings, ns.name, database, redis, s3, notifications, migration
+    )
     ingress = None
     if settings.ingress.enabled:
         ingress = Ingress("ccat-api-ingress", settings, ns.name, Api.service_name, [api.release])
@@ -61,4 +71,6 @@ def deploy(settings: config_mod.Settings | None = None) -> DataCenter:
     pulumi.export("apiService", f"{Api.service_name}:8000")
     pulumi.export("apiUrl", ingress.url if ingress else None)
     pulumi.export("releases", [migration.release.name, api.release.name, transfer.release.name])
-    return DataCenter(settings, ns, database, redis, s3, migration, api, transfer, ingress)
+    return DataCenter(
+        settings, ns, database, redis, s3, notifications, migration, api, transfer, ingress
+    )

@@ -34,6 +34,10 @@ vault_s3_cologne_lta_access_key_id: "$(secret)"
 vault_s3_cologne_lta_secret_access_key: "$(secret)"
 vault_s3_us_lta_access_key_id: "$(secret)"
 vault_s3_us_lta_secret_access_key: "$(secret)"
+# Optional, the managers' operator notifications (docs/ansible.md): no random placeholder, put
+# the real ones in with ansible-vault edit.
+# vault_transfer_notify_webhook_url: "https://..."
+# vault_transfer_notify_smtp_password: "..."
 YAML
 "$vault" encrypt --vault-password-file "$pwfile" --output "$dest" "$plain" >/dev/null
 chmod 0644 "$dest"

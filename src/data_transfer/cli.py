@@ -323,6 +323,74 @@ def status(
 
 
 @app.command()
+def notices(
+    cleared: Annotated[bool, typer.Option("--cleared", help="also the cleared ones")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="rows at most")] = 50,
+) -> None:
+    """Operator notices: what needs a person (records FAILED for good, transfer packages with
+    no archive site left, bad copies not repaired, copies that cannot be deleted, sites whose
+    data is not archived), since when, and which channels were told."""
+    from .notify import KINDS, open_notices
+
+    try:
+        rows = open_notices(_engine(), include_cleared=cleared, limit=limit)
+    except (ConfigurationError, DbConfigurationError) as exc:
+        _fail(exc)
+        return
+    table = Table(title="Operator notices" + (" (open and cleared)" if cleared else " (open)"))
+    for c in ("kind", "site", "what", "since", "cleared", "told"):
+        table.add_column(c, overflow="fold")
+    for n in rows:
+        told = ", ".join(sorted(n.delivered or {})) or "-"
+        if n.cleared_at is not None and n.cleared_delivered:
+            told += " (cleared: " + ", ".join(sorted(n.cleared_delivered)) + ")"
+        table.add_row(
+            n.kind,
+            n.site or "-",
+            n.summary + (f"\n{n.detail}" if n.detail else ""),
+            f"{n.first_seen_at:%Y-%m-%d %H:%M}",
+            f"{n.cleared_at:%Y-%m-%d %H:%M}" if n.cleared_at else "-",
+            told,
+        )
+    console.print(table)
+    open_now = sum(1 for n in rows if n.cleared_at is None)
+    console.print(
+        f"{open_now} open notice(s) shown; kinds: {', '.join(KINDS)}. "
+        'What to do per kind: docs/data-transfer.md, "Operator notifications".',
+        highlight=False,
+    )
+
+
+@app.command("notify-test")
+def notify_test() -> None:
+    """Send a test notice through every configured channel (CCAT_TRANSFER_NOTIFY_*) and say
+    what each did; exit 1 if none is configured or one failed."""
+    from .notify import send_test
+
+    try:
+        settings = load_transfer_settings()
+        results = send_test(settings)
+    except ConfigurationError as exc:
+        _fail(exc)
+        return
+    if not results:
+        _fail(
+            ConfigurationError(
+                "no notification channel is configured: set CCAT_TRANSFER_NOTIFY_WEBHOOK_URL"
+                " or CCAT_TRANSFER_NOTIFY_SMTP_HOST and CCAT_TRANSFER_NOTIFY_EMAIL_TO"
+            )
+        )
+        return
+    for name, error in results.items():
+        if error is None:
+            console.print(f"sent    {name}", highlight=False)
+        else:
+            console.print(f"[red]failed[/red]  {name}: {error}", highlight=False)
+    if any(error is not None for error in results.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
 def health(
     expect: Annotated[
         list[str] | None, typer.Option(help="service names that must be alive (exit 1 if not)")

@@ -836,7 +836,24 @@ def fixity(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -
 
 ManagerFn = Callable[[Engine, TransferSettings, Dispatcher], PassReport]
 
+
 #: The managers in pipeline order (``run-once`` runs them in this order).
+def notifications(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
+    """Operator notices (:mod:`data_transfer.notify`): record what needs a person and send
+    each configured channel what is due to it. Submits no task."""
+    from .notify import run_notify_pass
+
+    done = run_notify_pass(engine, settings)
+    report = PassReport("notify", created=done.opened)
+    if done.skipped:
+        report.notes.append("another notify manager holds the lock")
+    if done.cleared:
+        report.notes.append(f"{done.cleared} cleared")
+    report.notes.extend(f"told {name} of {n}" for name, n in done.sent.items())
+    report.notes.extend(f"{name} failed: {why}" for name, why in done.failed.items())
+    return report
+
+
 MANAGERS: dict[str, ManagerFn] = {
     "raw_data_packages": raw_data_packages,
     "transfer_packages": transfer_packages,
@@ -847,6 +864,7 @@ MANAGERS: dict[str, ManagerFn] = {
     "deletion": deletions,
     "recovery": recovery,  # type: ignore[dict-item]
     "fixity": fixity,
+    "notify": notifications,
 }
 
 

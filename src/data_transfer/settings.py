@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from ccat_ops_db.enums import ChecksumAlgorithm, TransferMethod
@@ -31,7 +31,9 @@ TB = 1000**4
 class TransferSettings(BaseSettings):
     """All knobs of managers and workers (environment: ``CCAT_TRANSFER_<NAME>``)."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    # An empty variable is an unset one: compose passes optional settings through as
+    # ``${VAR:-}``, which sets them to "" when the caller has not.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
 
     # --- broker -------------------------------------------------------------------------
     broker_url: str = Field(
@@ -106,6 +108,36 @@ class TransferSettings(BaseSettings):
     # options win over these.
     s3_options: dict[str, Any] = Field(default_factory=dict)
 
+    # --- operator notifications (data_transfer.notify) ---------------------------------
+    # What needs a person (a record FAILED for good, a transfer package with no archive site
+    # left, a bad copy nothing could repair, copies that cannot be deleted, a site whose
+    # oldest package is not archived after ``notify_stuck_after_s``) is kept as a notice in
+    # the database and sent, as one digest per pass, to every channel set here. No channel:
+    # the notices are only kept (``ccat-transfer notices``). The webhook URL and the SMTP
+    # password are secrets: environment (a Kubernetes Secret, Ansible Vault), never a file.
+    notify_webhook_url: SecretStr | None = Field(
+        None, description="POST a JSON digest here (Slack/Mattermost-compatible 'text')"
+    )
+    notify_smtp_host: str | None = Field(None, description="mail server for e-mail notices")
+    notify_smtp_port: int = Field(587, ge=1, le=65535)
+    notify_smtp_security: str = Field("starttls", pattern="^(starttls|ssl|none)$")
+    notify_smtp_user: str | None = None
+    notify_smtp_password: SecretStr | None = None
+    notify_email_from: str = "ccat-transfer@localhost"
+    # Comma-separated recipients.
+    notify_email_to: str = ""
+    # A condition must hold this long before it is sent (a bad copy being repaired, a deletion
+    # retried); a record FAILED for good is sent at once, its retries are behind it.
+    notify_hold_s: float = Field(900.0, ge=0)
+    # A site whose oldest raw data package is not archived after this long gets a notice.
+    notify_stuck_after_s: float = Field(2 * 86400.0, gt=0)
+    # At most one digest per channel per this many seconds; a failed send is tried again
+    # after it too.
+    notify_min_interval_s: float = Field(300.0, ge=0)
+    notify_max_items: int = Field(50, ge=1, description="notices listed in one digest")
+    notify_resolved: bool = Field(True, description="also send when a notified problem clears")
+    notify_timeout_s: float = Field(20.0, gt=0)
+
     # --- local state --------------------------------------------------------------------
     log_dir: Path = Field(Path("transfer-logs"), description="full command outputs go here")
     metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
@@ -119,10 +151,46 @@ class TransferSettings(BaseSettings):
             raise ValueError("; ".join(f"{name}: {problem}" for name, problem in problems))
         return value
 
+    @field_validator("notify_email_to")
+    @classmethod
+    def _addresses(cls, value: str) -> str:
+        bad = [a for a in _split_addresses(value) if "@" not in a]
+        if bad:
+            raise ValueError(f"not an e-mail address: {', '.join(bad)}")
+        return value
+
+    @model_validator(mode="after")
+    def _smtp_complete(self) -> TransferSettings:
+        if self.notify_email_to.strip() and not self.notify_smtp_host:
+            raise ValueError(
+                "CCAT_TRANSFER_NOTIFY_EMAIL_TO is set but CCAT_TRANSFER_NOTIFY_SMTP_HOST is not:"
+                " set the mail server that sends the notices"
+            )
+        if self.notify_smtp_host and not self.notify_email_to.strip():
+            raise ValueError(
+                "CCAT_TRANSFER_NOTIFY_SMTP_HOST is set but CCAT_TRANSFER_NOTIFY_EMAIL_TO is not:"
+                " set who receives the notices"
+            )
+        if self.notify_smtp_password is not None and not self.notify_smtp_user:
+            raise ValueError(
+                "CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD is set but CCAT_TRANSFER_NOTIFY_SMTP_USER"
+                " is not"
+            )
+        return self
+
+    @property
+    def notify_recipients(self) -> list[str]:
+        """The e-mail recipients of notices (``notify_email_to`` split at commas)."""
+        return _split_addresses(self.notify_email_to)
+
     @property
     def heartbeat_redis_url(self) -> str:
         """The Redis that holds task heartbeats and service health keys."""
         return self.redis_url or self.broker_url
+
+
+def _split_addresses(value: str) -> list[str]:
+    return [a.strip() for a in value.split(",") if a.strip()]
 
 
 def load_transfer_settings(**overrides: object) -> TransferSettings:
@@ -132,8 +200,12 @@ def load_transfer_settings(**overrides: object) -> TransferSettings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
+            message = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # a check across settings: its message names them
+                lines.append(message)
+                continue
             name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
-            lines.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{name}: {message}")
         raise ConfigurationError("invalid transfer settings: " + "; ".join(lines)) from exc
     except SettingsError as exc:  # a JSON setting (s3_options) that does not parse
         field = re.search(r'field "(\w+)"', str(exc))

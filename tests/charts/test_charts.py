@@ -272,6 +272,193 @@ def test_transfer_chart_rejects_duplicate_workers(tmp_path: Path) -> None:
     assert 'workers: duplicate name "twice"' in res.stderr, res.stderr
 
 
+NOTIFY_SECRETS = {
+    "CCAT_TRANSFER_NOTIFY_WEBHOOK_URL": "webhook-url",
+    "CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD": "smtp-password",
+}
+
+
+def pod_env(dep: dict) -> dict[str, dict]:
+    """The environment entries of a Deployment's (one) container, by name."""
+    _, ctrs = containers(dep)
+    (c,) = ctrs
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def selects(policy: dict, dep: dict) -> bool:
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+
+
+def test_notification_secrets_reach_the_managers_only_from_a_secret() -> None:
+    """notifications: the webhook URL and the SMTP password are secretKeyRefs on the managers'
+    Deployment, never values and never on a worker; the managers alone get the egress to the
+    webhook and the mail server; nothing of it by default."""
+    for values in SETS:
+        docs = render_docs("ccat-transfer", values)
+        for dep in by_kind(docs, "Deployment"):
+            for name, e in pod_env(dep).items():
+                if name in NOTIFY_SECRETS:
+                    assert "value" not in e, (values, dep["metadata"]["name"], e)
+    default = render_docs("ccat-transfer")
+    for dep in by_kind(default, "Deployment"):
+        assert not [n for n in pod_env(dep) if n.startswith("CCAT_TRANSFER_NOTIFY_")]
+    assert [p["metadata"]["name"] for p in by_kind(default, "NetworkPolicy")] == ["ccat-transfer"]
+
+    enabled = render_docs(
+        "ccat-transfer",
+        "default",
+        "--set",
+        "notifications.enabled=true",
+        "--set",
+        "notifications.secretName=ccat-notifications",
+    )
+    assert checks().validate_schemas(enabled) == []
+    prod = render_docs("ccat-transfer", "production")
+    for docs, smtp in ((enabled, {"port": 587, "protocol": "TCP"}), (prod, None)):
+        deps = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+        managers = deps.pop("ccat-transfer-managers")
+        env = pod_env(managers)
+        for name, key in NOTIFY_SECRETS.items():
+            assert env[name] == {
+                "name": name,
+                "valueFrom": {"secretKeyRef": {"name": "ccat-notifications", "key": key}},
+            }
+        assert deps, "no worker rendered"
+        for name, dep in deps.items():
+            assert not set(NOTIFY_SECRETS) & set(pod_env(dep)), name
+        # a policy of its own, for the managers' pods only, opens the notification egress
+        (notify,) = [
+            p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-notify")
+        ]
+        assert selects(notify, managers)
+        assert not any(selects(notify, dep) for dep in deps.values())
+        assert sorted(notify["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+        assert notify["spec"]["ingress"] == []
+        ports = [p for rule in notify["spec"]["egress"] for p in rule["ports"]]
+        assert {"port": 443, "protocol": "TCP"} in ports
+        if smtp is not None:
+            assert smtp in ports
+    # production: e-mail over implicit TLS to one mail server; its plain settings are values
+    (notify,) = [
+        p for p in by_kind(prod, "NetworkPolicy") if p["metadata"]["name"].endswith("-notify")
+    ]
+    assert {
+        "ports": [{"port": 465, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "192.0.2.25/32"}}],
+    } in notify["spec"]["egress"]
+    env = pod_env(
+        next(d for d in by_kind(prod, "Deployment") if d["metadata"]["name"].endswith("-managers"))
+    )
+    assert env["CCAT_TRANSFER_NOTIFY_SMTP_HOST"] == {
+        "name": "CCAT_TRANSFER_NOTIFY_SMTP_HOST",
+        "value": "smtp.example.org",
+    }
+    assert env["CCAT_TRANSFER_NOTIFY_SMTP_PORT"]["value"] == "465"
+
+    # one channel only: a webhook and no SMTP password
+    webhook_only = render_docs(
+        "ccat-transfer",
+        "default",
+        "--set",
+        "notifications.enabled=true",
+        "--set",
+        "notifications.secretName=site-hooks",
+        "--set",
+        "notifications.webhookUrlKey=mattermost",
+        "--set",
+        "notifications.smtpPasswordKey=",
+    )
+    (managers,) = [
+        d
+        for d in by_kind(webhook_only, "Deployment")
+        if d["metadata"]["name"].endswith("-managers")
+    ]
+    env = pod_env(managers)
+    assert env["CCAT_TRANSFER_NOTIFY_WEBHOOK_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "site-hooks", "key": "mattermost"}
+    }
+    assert "CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD" not in env
+    # enabled without a Secret (e-mail through a relay without a login): the egress, no secret
+    relay = render_docs("ccat-transfer", "default", "--set", "notifications.enabled=true")
+    assert not [n for d in by_kind(relay, "Deployment") for n in pod_env(d) if n in NOTIFY_SECRETS]
+    assert any(p["metadata"]["name"].endswith("-notify") for p in by_kind(relay, "NetworkPolicy"))
+
+
+def test_notifications_refuse_literal_secrets_and_a_closed_mail_port(tmp_path: Path) -> None:
+    helm = helm_or_fail()
+    chart = str(CHARTS / "ccat-transfer")
+    empty_egress = tmp_path / "empty-egress.yaml"
+    empty_egress.write_text(yaml.safe_dump({"notifications": {"enabled": True, "egress": []}}))
+    cases = [
+        # a secret as a plain value, where the chart would write it into the manifest
+        (
+            ["--set", "transfer.CCAT_TRANSFER_NOTIFY_WEBHOOK_URL=https://hooks.invalid/x"],
+            "CCAT_TRANSFER_NOTIFY_WEBHOOK_URL",
+        ),
+        (
+            ["--set", "extraEnv.CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD=pw"],
+            "CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD",
+        ),
+        (
+            ["--set", "notifications.secretName=ccat-notifications"],
+            "notifications.enabled is false",
+        ),
+        (
+            [
+                "--set",
+                "notifications.enabled=true",
+                "--set",
+                "notifications.secretName=ccat-notifications",
+                "--set",
+                "notifications.webhookUrlKey=",
+                "--set",
+                "notifications.smtpPasswordKey=",
+            ],
+            "names no key",
+        ),
+        (["--set", "notifications.enabled=true", "--set", "notifications.egress=null"], "no rule"),
+        (["-f", str(empty_egress)], "/notifications/egress"),
+        (
+            [
+                "--set",
+                "notifications.enabled=true",
+                "--set",
+                "notifications.egress[0].to[0].ipBlock.cidr=10.0.0.0/8",
+            ],
+            "missing property 'ports'",
+        ),
+        # the mail server's port is not among the managers' egress
+        (
+            [
+                "--set",
+                "notifications.enabled=true",
+                "--set",
+                "transfer.CCAT_TRANSFER_NOTIFY_SMTP_HOST=smtp.example.org",
+                "--set-string",
+                "transfer.CCAT_TRANSFER_NOTIFY_SMTP_PORT=465",
+            ],
+            "notifications.egress opens no port 465",
+        ),
+    ]
+    for args, message in cases:
+        res = checks().helm(helm, "template", "x", chart, *args)
+        assert res.returncode != 0, args
+        assert message in res.stderr, (args, res.stderr)
+    # the same port in a range, or without a NetworkPolicy, is accepted
+    for extra in (
+        [
+            "--set",
+            "notifications.egress[0].ports[0].port=400",
+            "--set",
+            "notifications.egress[0].ports[0].endPort=500",
+        ],
+        ["--set", "networkPolicy.enabled=false"],
+    ):
+        res = checks().helm(helm, "template", "x", chart, *cases[-1][0], *extra)
+        assert res.returncode == 0, (extra, res.stderr)
+
+
 def test_migration_job_is_a_pre_install_and_pre_upgrade_hook() -> None:
     docs = render_docs(
         "ccat-migrate", "default", "--set-file", f"topology={REPO / 'compose' / 'topology.yaml'}"
@@ -314,7 +501,7 @@ def test_no_secret_and_no_registry_host_in_charts() -> None:
                     first = c["image"].split("/")[0]
                     assert "/" not in c["image"] or "." not in first, c["image"]
                     for e in c.get("env", []):
-                        if re.search(r"PASSWORD|SECRET|BROKER_URL|KEY_ID", e["name"]):
+                        if re.search(r"PASSWORD|SECRET|BROKER_URL|KEY_ID|WEBHOOK", e["name"]):
                             assert "valueFrom" in e and "value" not in e, (chart, e)
     text = "\n".join(
         p.read_text()

@@ -31,6 +31,11 @@ SECRETS = {
     "ccat:s3AccessKeyId": "s3-key-id-5c1a",
     "ccat:s3SecretAccessKey": "s3-secret-9e7b3d",
 }
+# The optional secrets of the operator notifications (not set in the default runs).
+NOTIFY_SECRETS = {
+    "ccat:notifyWebhookUrl": "https://chat.example.invalid/hooks/notify-tok-4d2f8b",
+    "ccat:notifySmtpPassword": "smtp-pw-8a1c6e",
+}
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 What matters: every workload has limits, probes and runs non-root (the Helm releases are
 rendered with the values the program computes, by the real helm binary and the real charts);
-the migration runs before the API; secrets are secret outputs and nowhere else; production
-has the HA settings; production and staging deploy the alerting rules and PodMonitors, dev
-does not. The Kubernetes objects the program writes itself are validated against the
-Kubernetes schemas (kubernetes-validate), like the charts' manifests.
+the migration runs before the API; secrets are secret outputs and nowhere else (the optional
+notification secrets too: a Secret of their own, made only when set, for the managers alone);
+production has the HA settings; production and staging deploy the alerting rules and
+PodMonitors, dev does not. The Kubernetes objects the program writes itself are validated
+against the Kubernetes schemas (kubernetes-validate), like the charts' manifests.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ import yaml
 
 from tests.charts.chartlib import checks, helm_or_fail, workload_problems
 
-from .harness import INFRA, SECRETS, StackRun, is_secret, run_stack, unwrap
+from .harness import (
+    INFRA,
+    NOTIFY_SECRETS,
+    SECRETS,
+    StackRun,
+    is_secret,
+    run_stack,
+    stack_config,
+    unwrap,
+)
 
 STACKS = ["dev", "staging", "production"]
 RELEASE = "kubernetes:helm.sh/v3:Release"
@@ -137,7 +147,7 @@ def test_secrets_are_secret_outputs_and_nowhere_else(runs: dict[str, StackRun]) 
     for stack in STACKS:
         text = (INFRA / f"Pulumi.{stack}.yaml").read_text()
         config = yaml.safe_load(text)["config"]
-        for key in SECRETS:
+        for key in (*SECRETS, *NOTIFY_SECRETS):
             assert key not in config or "secure" in config[key], (stack, key)
 
 
@@ -334,6 +344,179 @@ def test_external_database_and_redis() -> None:
     assert run.one(RELEASE, "ccat-migrate").depends_on == ["ccat-db-credentials"]
 
 
+# --- operator notifications -------------------------------------------------------------------
+
+MAIL = {
+    "CCAT_TRANSFER_NOTIFY_SMTP_HOST": "smtp.example.org",
+    "CCAT_TRANSFER_NOTIFY_SMTP_PORT": "465",
+    "CCAT_TRANSFER_NOTIFY_SMTP_SECURITY": "ssl",
+    "CCAT_TRANSFER_NOTIFY_SMTP_USER": "ccat-transfer",
+    "CCAT_TRANSFER_NOTIFY_EMAIL_TO": "ccat-ops@example.org",
+}
+
+
+def with_transfer(stack: str, **extra: object) -> dict[str, object]:
+    """An override of ``ccat:transfer``: the stack's own, with these keys changed."""
+    return {"ccat:transfer": {**stack_config(stack).get("ccat:transfer", {}), **extra}}
+
+
+def notify_parts(docs: list[dict]) -> tuple[dict, list[dict], list[dict]]:
+    """(the managers' Deployment, the workers' Deployments, the notify NetworkPolicies)."""
+    deps = [d for d in docs if d["kind"] == "Deployment"]
+    (managers,) = [d for d in deps if d["metadata"]["name"].endswith("-managers")]
+    workers = [d for d in deps if d is not managers]
+    policies = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-notify")
+    ]
+    return managers, workers, policies
+
+
+def env_of(dep: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_notifications_are_off_without_their_settings(
+    runs: dict[str, StackRun], tmp_path: Path
+) -> None:
+    """No notify secret and no mail server in the stack: no Secret, notifications off, the
+    managers get no notify secret and no extra egress."""
+    for run in runs.values():
+        assert "ccat-notifications" not in {
+            r.inputs["metadata"]["name"] for r in run.of_type(SECRET)
+        }
+        assert run.release_values("ccat-transfer")["notifications"] == {"enabled": False}
+        managers, _, policies = notify_parts(rendered_release(run, "ccat-transfer", tmp_path))
+        assert not {n for n in env_of(managers) if n.startswith("CCAT_TRANSFER_NOTIFY_")}
+        assert policies == []
+
+
+def test_notification_secrets_reach_the_managers_through_a_secret_only(tmp_path: Path) -> None:
+    """ccat:notifyWebhookUrl and ccat:notifySmtpPassword become the Secret ccat-notifications
+    (secret outputs), the chart gets its name and keys only, and renders them as secretKeyRefs
+    on the managers alone, with egress to HTTPS and the mail server's port."""
+    run = run_stack(
+        "production",
+        overrides=with_transfer("production", settings=MAIL),
+        secrets={**SECRETS, **NOTIFY_SECRETS},
+    )
+    secret = run.one(SECRET, "ccat-notify-secret")
+    assert secret.inputs["metadata"]["name"] == "ccat-notifications"
+    assert is_secret(secret.inputs["stringData"])
+    assert unwrap(secret.inputs["stringData"]) == {
+        "webhook-url": NOTIFY_SECRETS["ccat:notifyWebhookUrl"],
+        "smtp-password": NOTIFY_SECRETS["ccat:notifySmtpPassword"],
+    }
+    # no secret value outside a secret wrapper, in any resource or export
+    everything = json.dumps([strip_secrets(r.inputs) for r in run.resources])
+    exported = json.dumps({k: v for k, v in run.exports.items() if isinstance(v, str | None)})
+    for value in NOTIFY_SECRETS.values():
+        assert value not in everything and value not in exported
+    rel = run.one(RELEASE, "ccat-transfer")
+    assert "ccat-notify-secret" in rel.depends_on
+    assert "<secret>" not in json.dumps(strip_secrets(rel.inputs["values"]))
+    values = run.release_values("ccat-transfer")
+    for value in NOTIFY_SECRETS.values():
+        assert value not in json.dumps(values)
+    assert values["notifications"] == {
+        "enabled": True,
+        "secretName": "ccat-notifications",
+        "webhookUrlKey": "webhook-url",
+        "smtpPasswordKey": "smtp-password",
+        "egress": [{"ports": [{"port": 443, "protocol": "TCP"}, {"port": 465, "protocol": "TCP"}]}],
+    }
+    docs = rendered_release(run, "ccat-transfer", tmp_path)
+    assert checks().validate_schemas(docs) == []
+    managers, workers, (policy,) = notify_parts(docs)
+    env = env_of(managers)
+    for name, key in (
+        ("CCAT_TRANSFER_NOTIFY_WEBHOOK_URL", "webhook-url"),
+        ("CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD", "smtp-password"),
+    ):
+        assert env[name] == {
+            "name": name,
+            "valueFrom": {"secretKeyRef": {"name": "ccat-notifications", "key": key}},
+        }
+    assert env["CCAT_TRANSFER_NOTIFY_SMTP_HOST"]["value"] == "smtp.example.org"
+    assert workers
+    for dep in workers:
+        assert "CCAT_TRANSFER_NOTIFY_WEBHOOK_URL" not in env_of(dep)
+        assert "CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD" not in env_of(dep)
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector["app.kubernetes.io/component"] == "managers"
+    assert policy["spec"]["egress"] == values["notifications"]["egress"]
+
+
+def test_notifications_with_one_channel_or_a_relay(tmp_path: Path) -> None:
+    """A webhook alone: the Secret holds only its URL; e-mail through a relay without a
+    login: no Secret, the managers reach the mail server's port; ccat:transfer.notifyEgress
+    replaces the egress the program works out."""
+    webhook = {"ccat:notifyWebhookUrl": NOTIFY_SECRETS["ccat:notifyWebhookUrl"]}
+    run = run_stack("dev", secrets={**SECRETS, **webhook})
+    assert set(unwrap(run.one(SECRET, "ccat-notify-secret").inputs["stringData"])) == {
+        "webhook-url"
+    }
+    notifications = run.release_values("ccat-transfer")["notifications"]
+    assert notifications["webhookUrlKey"] == "webhook-url"
+    assert notifications["smtpPasswordKey"] == ""
+    assert notifications["egress"] == [{"ports": [{"port": 443, "protocol": "TCP"}]}]
+    managers, _, _ = notify_parts(rendered_release(run, "ccat-transfer", tmp_path))
+    assert "CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD" not in env_of(managers)
+    assert "secretKeyRef" in env_of(managers)["CCAT_TRANSFER_NOTIFY_WEBHOOK_URL"]["valueFrom"]
+
+    relay = {k: v for k, v in MAIL.items() if "PORT" not in k and "USER" not in k}
+    run = run_stack("dev", overrides=with_transfer("dev", settings=relay))
+    assert run.of_type(SECRET) and "ccat-notify-secret" not in {r.name for r in run.of_type(SECRET)}
+    notifications = run.release_values("ccat-transfer")["notifications"]
+    assert notifications["enabled"] is True and notifications["secretName"] == ""
+    assert notifications["egress"] == [{"ports": [{"port": 587, "protocol": "TCP"}]}]
+    managers, _, (policy,) = notify_parts(rendered_release(run, "ccat-transfer", tmp_path))
+    assert not {n for n in env_of(managers) if n.endswith(("WEBHOOK_URL", "SMTP_PASSWORD"))}
+
+    rules = [
+        {
+            "ports": [{"port": 443, "protocol": "TCP"}],
+            "to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}],
+        },
+        {
+            "ports": [{"port": 587, "protocol": "TCP"}],
+            "to": [{"ipBlock": {"cidr": "192.0.2.25/32"}}],
+        },
+    ]
+    run = run_stack(
+        "dev",
+        overrides=with_transfer("dev", settings=relay, notifyEgress=rules),
+        secrets={**SECRETS, **webhook},
+    )
+    assert run.release_values("ccat-transfer")["notifications"]["egress"] == rules
+    _, _, (policy,) = notify_parts(rendered_release(run, "ccat-transfer", tmp_path))
+    assert policy["spec"]["egress"] == rules
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {},
+            "ccat:notifySmtpPassword is set but ccat:transfer.settings has no "
+            "CCAT_TRANSFER_NOTIFY_SMTP_HOST",
+        ),
+        (
+            {"CCAT_TRANSFER_NOTIFY_SMTP_HOST": "smtp.example.org"},
+            "has no CCAT_TRANSFER_NOTIFY_SMTP_USER",
+        ),
+    ],
+)
+def test_an_smtp_password_needs_its_server_and_login(settings: dict, message: str) -> None:
+    with pytest.raises(Exception, match=re.escape(message)):
+        run_stack(
+            "dev",
+            overrides=with_transfer("dev", settings=settings),
+            secrets={**SECRETS, "ccat:notifySmtpPassword": "x"},
+        )
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -344,6 +527,31 @@ def test_external_database_and_redis() -> None:
         ({"ccat:api": {"replicas": 2}}, "ccat:api: unknown setting(s) replicas"),
         ({"ccat:ingress": {"enabled": True}}, "ccat:ingress.host is required"),
         ({"ccat:transfer": {"settings": {"SLEEP": "1"}}}, "must start with CCAT_TRANSFER_"),
+        (
+            {"ccat:transfer": {"settings": {"CCAT_TRANSFER_NOTIFY_WEBHOOK_URL": "https://x"}}},
+            "CCAT_TRANSFER_NOTIFY_WEBHOOK_URL is a secret; set it with "
+            "`pulumi config set --secret ccat:notifyWebhookUrl ...`",
+        ),
+        (
+            {"ccat:transfer": {"settings": {"CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD": "x"}}},
+            "ccat:notifySmtpPassword",
+        ),
+        ({"ccat:transfer": {"notifyEgress": []}}, "ccat:transfer.notifyEgress must be"),
+        (
+            {"ccat:transfer": {"notifyEgress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}},
+            "each with its ports",
+        ),
+        (
+            {
+                "ccat:transfer": {
+                    "settings": {
+                        "CCAT_TRANSFER_NOTIFY_SMTP_HOST": "smtp.example.org",
+                        "CCAT_TRANSFER_NOTIFY_SMTP_PORT": "smtp",
+                    }
+                }
+            },
+            "CCAT_TRANSFER_NOTIFY_SMTP_PORT must be a port number",
+        ),
         ({"ccat:topologyFile": "nope.yaml"}, "ccat:topologyFile"),
         ({"ccat:monitoring": {"alerts": "yes"}}, "ccat:monitoring.alerts must be true or false"),
         ({"ccat:monitoring": {"rules": True}}, "ccat:monitoring: unknown setting(s) rules"),

@@ -73,6 +73,7 @@ class ObservedStack:
     failed_package: str | None = None
     peak_backlog: float = 0.0  # most items waiting at once (manager gauge), during the run
     peak_backlog_age: float = 0.0  # oldest age seen
+    webhook_dir: Path | None = None  # the notice digests the manager posted (<n>.json)
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
@@ -161,6 +162,18 @@ def observed(
                 stack.env = {**base_env, "CCAT_TRANSFER_METRICS_PORT": str(ports[f"worker-{site}"])}
                 stack.start_worker(site)
             stack.env = base_env
+            # the operator's chat: a real webhook receiver the notify manager posts to
+            hook_port, hook_dir = free_port(), root / "webhook"
+            hook_log = root / "webhook.log"
+            with open(hook_log, "wb") as out:
+                receiver = [sys.executable, "-m", "tests.transfer.notify_servers", "webhook"]
+                hook = subprocess.Popen(
+                    [*receiver, "--port", str(hook_port), "--out", str(hook_dir)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=Path(__file__).resolve().parents[2],
+                )
+            procs.append(hook)
             ports["manager"] = free_port()
             manager_log = root / "manager.log"
             with open(manager_log, "wb") as out:
@@ -168,7 +181,12 @@ def observed(
                     [sys.executable, "-m", "data_transfer.cli", "manager", "all"],
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env={**base_env, "CCAT_TRANSFER_METRICS_PORT": str(ports["manager"])},
+                    env={
+                        **base_env,
+                        "CCAT_TRANSFER_METRICS_PORT": str(ports["manager"]),
+                        "CCAT_TRANSFER_NOTIFY_WEBHOOK_URL": f"http://127.0.0.1:{hook_port}/h",
+                        "CCAT_TRANSFER_NOTIFY_MIN_INTERVAL_S": "0",
+                    },
                     cwd=root,
                 )
             procs.append(manager)
@@ -186,8 +204,10 @@ def observed(
                 reader_token=token,
                 metrics_urls=urls,
             )
+            obs.webhook_dir = hook_dir
             obs.logs = {
                 "manager": manager_log,
+                "webhook": hook_log,
                 "api": api.log_path,  # type: ignore[dict-item]
                 **{
                     f"worker-{site}": root / f"worker-{site}-{i}.log"
@@ -251,6 +271,9 @@ def observed(
                     )
                 )
             time.sleep(2)  # let the deletion manager settle before the "after" scrape
+            notice_deadline = time.monotonic() + 30  # the notice of the failure, posted
+            while not list(hook_dir.glob("*.json")) and time.monotonic() < notice_deadline:
+                time.sleep(0.2)
             obs.after = {
                 name: scrape(url) for name, url in obs.metrics_urls.items() if name != "api"
             }

@@ -138,6 +138,12 @@ def test_status_page_in_chromium(observed: ObservedStack, browser, tmp_path: Pat
     driver.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
 
+    # what needs a person: the failed package's notice, and the channel that was told
+    notice = driver.find_element(By.CSS_SELECTOR, '#notices tr[data-kind="failed"]')
+    assert observed.failed_package and observed.failed_package in notice.text
+    assert "FAILED for good" in notice.text and "(log: " in notice.text
+    assert notice.text.rstrip().endswith("webhook")
+
     # the failure, its reason and its log
     row = driver.find_element(By.CSS_SELECTOR, '#failures tr[data-stage="raw_data_package"]')
     assert "failed" in row.text and "(log: " in row.text

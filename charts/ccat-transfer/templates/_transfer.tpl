@@ -34,6 +34,33 @@
 {{- end }}
 {{- end -}}
 
+{{/*
+Operator notifications (the managers only): the webhook URL and the SMTP password, each from
+the key of notifications.secretName (an existing Secret) unless that key is empty. The plain
+CCAT_TRANSFER_NOTIFY_* settings go through `transfer`, like every other setting.
+*/}}
+{{- define "ccat-transfer.notifyEnv" -}}
+{{- $n := .Values.notifications -}}
+{{- if and $n.secretName (not $n.enabled) }}
+{{- fail "notifications.secretName is set but notifications.enabled is false: enable the notifications or drop the Secret" }}
+{{- end }}
+{{- if and $n.enabled $n.secretName }}
+{{- if not (or $n.webhookUrlKey $n.smtpPasswordKey) }}
+{{- fail "notifications.secretName is set but names no key: set notifications.webhookUrlKey and/or notifications.smtpPasswordKey" }}
+{{- end }}
+{{- with $n.webhookUrlKey }}
+- name: CCAT_TRANSFER_NOTIFY_WEBHOOK_URL
+  valueFrom:
+    secretKeyRef: {name: {{ $n.secretName | quote }}, key: {{ . | quote }}}
+{{- end }}
+{{- with $n.smtpPasswordKey }}
+- name: CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ $n.secretName | quote }}, key: {{ . | quote }}}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* Probes running a command (the role's health key in Redis). Args: list of words. */}}
 {{- define "ccat-transfer.probes" -}}
 {{- $cmd := .cmd -}}

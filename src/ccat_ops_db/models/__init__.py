@@ -58,7 +58,7 @@ from .planning import (
     SubObservingProgram,
 )
 from .raw_data import RawDataFile, RawDataPackage, RawDataPackageMetadata
-from .transfer import DataTransfer, DataTransferLog
+from .transfer import DataTransfer, DataTransferLog, OperatorNotice
 from .transfer_package import DataTransferPackage
 
 __all__ = [
@@ -92,6 +92,7 @@ __all__ = [
     "ObservationConfiguration",
     "Observatory",
     "ObservingProgram",
+    "OperatorNotice",
     "PackageState",
     "PhysicalCopy",
     "PhysicalCopyStatus",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -12,8 +12,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     String,
+    Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -122,3 +124,41 @@ class DataTransferLog(Base):
         back_populates="logs"
     )
     staging_job: Mapped[StagingJob | None] = relationship(back_populates="logs")
+
+
+class OperatorNotice(Base):
+    """A problem that needs a person, from the pass that first saw it until it cleared.
+
+    Written and sent by the notifications manager (``data_transfer.notify``): a record FAILED
+    for good, a transfer package with no archive site left, a package copy that failed its
+    check and could not be repaired, copies that could not be deleted at a location, a site
+    whose oldest package is not archived after a while. ``subject`` names the problem within
+    its ``kind`` (``data_transfer:42``, ``site:ccat``); at most one notice per subject is open
+    (``cleared_at`` NULL) at a time, so a problem that comes back after it cleared is a new
+    notice. ``delivered`` and ``cleared_delivered`` map each channel to when it was told
+    (ISO time), so a channel that was down is told later and nobody is told twice.
+    """
+
+    __tablename__ = "operator_notice"
+    __table_args__ = (
+        Index(
+            "ix_operator_notice_open",
+            "kind",
+            "subject",
+            unique=True,
+            postgresql_where=text("cleared_at IS NULL"),
+            sqlite_where=text("cleared_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(255))
+    site: Mapped[str | None] = mapped_column(String(64))
+    summary: Mapped[str] = mapped_column(String(1000))
+    detail: Mapped[str | None] = mapped_column(Text)
+    first_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    cleared_at: Mapped[dt.datetime | None] = mapped_column(index=True)
+    delivered: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    cleared_delivered: Mapped[dict[str, Any]] = mapped_column(default=dict)

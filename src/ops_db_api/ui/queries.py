@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from ccat_ops_db.enums import LocationType, Status
@@ -27,6 +27,7 @@ from ccat_ops_db.models import (
     DataTransferLog,
     DataTransferPackage,
     LongTermArchiveTransfer,
+    OperatorNotice,
     PhysicalCopy,
     RawDataFile,
     RawDataPackage,
@@ -107,6 +108,20 @@ def latest_failures(db: Session, limit: int = 50) -> list[Failure]:
     floor = dt.datetime.min
     out.sort(key=lambda f: f.at.replace(tzinfo=None) if f.at else floor, reverse=True)
     return out[:limit]
+
+
+def open_notices(db: Session, limit: int = 10) -> tuple[list[OperatorNotice], int]:
+    """The open operator notices (what needs a person, data_transfer.notify), newest first,
+    at most ``limit``, and how many are open in all."""
+    where = OperatorNotice.cleared_at.is_(None)
+    rows = db.scalars(
+        select(OperatorNotice)
+        .where(where)
+        .order_by(OperatorNotice.first_seen_at.desc(), OperatorNotice.id.desc())
+        .limit(limit)
+    ).all()
+    total = db.scalar(select(func.count()).select_from(OperatorNotice).where(where)) or 0
+    return list(rows), int(total)
 
 
 def failure_detail(db: Session, stage: str, record_id: int) -> dict[str, Any] | None:

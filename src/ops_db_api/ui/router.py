@@ -221,6 +221,7 @@ async def overview(request: Request, db: DB) -> Response:
     def load() -> dict[str, Any]:
         summary = _summary(request, db)
         points = queries.throughput(db)
+        notices, notices_open = queries.open_notices(db)
         return {
             "summary": summary,
             "backlog": _backlog(request),
@@ -230,6 +231,8 @@ async def overview(request: Request, db: DB) -> Response:
             "chart": _chart(points),
             "throughput_total": sum(p["transfer"] + p["archive"] for p in points),
             "failures": queries.latest_failures(db, limit=5),
+            "notices": notices,
+            "notices_open": notices_open,
         }
 
     return await _page(request, "overview.html", load)
