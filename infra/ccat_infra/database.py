@@ -6,7 +6,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from .config import Settings
-from .workload import DNS_EGRESS
+from .workload import DNS_EGRESS, secret
 
 CNPG_CLUSTER_NAME = "ccat-db"
 
@@ -37,16 +37,14 @@ class Database(pulumi.ComponentResource):
         self.name = db.name
         self.user = db.user
         # basic-auth: the type CloudNativePG expects for the bootstrap owner's credentials
-        self.secret = k8s.core.v1.Secret(
+        self.secret = secret(
             f"{name}-credentials",
-            metadata=k8s.meta.v1.ObjectMetaArgs(
-                name="ccat-db-credentials", namespace=namespace, labels=settings.labels
-            ),
-            type="kubernetes.io/basic-auth",
-            string_data={"username": db.user, "password": password},
-            opts=pulumi.ResourceOptions(
-                parent=self, additional_secret_outputs=["stringData", "data"]
-            ),
+            "ccat-db-credentials",
+            namespace,
+            settings.labels,
+            {"username": db.user, "password": password},
+            self,
+            kind="kubernetes.io/basic-auth",
         )
         self.password_secret: pulumi.Output[str] = self.secret.metadata.apply(lambda m: m.name)
         self.cluster: k8s.apiextensions.CustomResource | None = None

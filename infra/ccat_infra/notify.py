@@ -18,6 +18,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from .config import ConfigError, Settings
+from .workload import secret
 
 # keys of the Secret ccat-notifications
 WEBHOOK_KEY = "webhook-url"
@@ -83,16 +84,13 @@ class Notifications(pulumi.ComponentResource):
         self.secret: k8s.core.v1.Secret | None = None
         secret_name: pulumi.Input[str] = ""
         if data:
-            self.secret = k8s.core.v1.Secret(
+            self.secret = secret(
                 f"{name}-secret",
-                metadata=k8s.meta.v1.ObjectMetaArgs(
-                    name="ccat-notifications", namespace=namespace, labels=settings.labels
-                ),
-                type="Opaque",
-                string_data=data,
-                opts=pulumi.ResourceOptions(
-                    parent=self, additional_secret_outputs=["stringData", "data"]
-                ),
+                "ccat-notifications",
+                namespace,
+                settings.labels,
+                data,
+                self,
             )
             secret_name = self.secret.metadata.apply(lambda m: m.name)
 

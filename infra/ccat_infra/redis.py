@@ -6,7 +6,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from .config import Settings
-from .workload import CCAT_PODS, DNS_EGRESS, container_security, pod_security
+from .workload import CCAT_PODS, DNS_EGRESS, container_security, pod_security, secret
 
 REDIS_NAME = "ccat-redis"
 REDIS_UID = 999  # the redis user of the Redis images
@@ -36,16 +36,13 @@ class Redis(pulumi.ComponentResource):
         self.port = cfg.port
         host = cfg.host if cfg.mode == "external" else REDIS_NAME
         url = pulumi.Output.secret(password).apply(lambda pw: f"redis://:{pw}@{host}:{cfg.port}/0")
-        self.secret = k8s.core.v1.Secret(
+        self.secret = secret(
             f"{name}-broker",
-            metadata=k8s.meta.v1.ObjectMetaArgs(
-                name="ccat-broker", namespace=namespace, labels=settings.labels
-            ),
-            type="Opaque",
-            string_data={"url": url, "password": password},
-            opts=pulumi.ResourceOptions(
-                parent=self, additional_secret_outputs=["stringData", "data"]
-            ),
+            "ccat-broker",
+            namespace,
+            settings.labels,
+            {"url": url, "password": password},
+            self,
         )
         self.url_secret: pulumi.Output[str] = self.secret.metadata.apply(lambda m: m.name)
         self.pod_selector: dict[str, dict[str, str]] | None = None

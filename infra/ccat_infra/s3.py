@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pulumi
-import pulumi_kubernetes as k8s
 
 from .config import Settings
+from .workload import secret
 
 
 def _key(prefix: str, what: str) -> str:
@@ -45,15 +45,12 @@ class S3Credentials(pulumi.ComponentResource):
                     "secretAccessKeyKey": _key(prefix, "secret-access-key"),
                 }
             )
-        self.secret = k8s.core.v1.Secret(
+        self.secret = secret(
             f"{name}-secret",
-            metadata=k8s.meta.v1.ObjectMetaArgs(
-                name="ccat-s3-credentials", namespace=namespace, labels=settings.labels
-            ),
-            type="Opaque",
-            string_data=data,
-            opts=pulumi.ResourceOptions(
-                parent=self, additional_secret_outputs=["stringData", "data"]
-            ),
+            "ccat-s3-credentials",
+            namespace,
+            settings.labels,
+            data,
+            self,
         )
         self.register_outputs({})

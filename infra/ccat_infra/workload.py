@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import pulumi
 import pulumi_kubernetes as k8s
 
 
@@ -41,3 +44,24 @@ DNS_EGRESS = k8s.networking.v1.NetworkPolicyEgressRuleArgs(
 CCAT_PODS = k8s.meta.v1.LabelSelectorArgs(
     match_labels={"app.kubernetes.io/part-of": "ccat-data-center"}
 )
+
+
+def secret(
+    resource_name: str,
+    name: str,
+    namespace: pulumi.Input[str],
+    labels: Mapping[str, str],
+    data: Mapping[str, pulumi.Input[str]],
+    parent: pulumi.Resource,
+    kind: str = "Opaque",
+) -> k8s.core.v1.Secret:
+    """A Secret holding ``data``; its values stay secret in the state, also once encoded."""
+    return k8s.core.v1.Secret(
+        resource_name,
+        metadata=k8s.meta.v1.ObjectMetaArgs(name=name, namespace=namespace, labels=dict(labels)),
+        type=kind,
+        string_data=dict(data),
+        opts=pulumi.ResourceOptions(
+            parent=parent, additional_secret_outputs=["stringData", "data"]
+        ),
+    )

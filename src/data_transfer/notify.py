@@ -59,18 +59,18 @@ from sqlalchemy.orm import Session, aliased
 
 from ccat_ops_db.enums import PackageState, PhysicalCopyStatus, Status
 from ccat_ops_db.models import (
-    DataLocation,
     DataTransfer,
     DataTransferPackage,
     LongTermArchiveTransfer,
     OperatorNotice,
     PhysicalCopy,
     RawDataPackage,
-    Site,
     StagingJob,
 )
 
 from .errors import ConfigurationError, TransferSystemError
+from .metrics import _UNVERIFIED, _locations
+from .metrics import _stranded as stranded_condition
 from .settings import TransferSettings
 
 log = logging.getLogger("data_transfer.notify")
@@ -341,18 +341,6 @@ def channels(settings: TransferSettings) -> list[Channel]:
 # --- reading the conditions ------------------------------------------------------------------
 
 
-def _where(s: Session) -> dict[int, tuple[str, str]]:
-    """location id -> (site short name, location name)."""
-    return {
-        loc_id: (site, name)
-        for loc_id, site, name in s.execute(
-            select(DataLocation.id, Site.short_name, DataLocation.name).join(
-                Site, Site.id == DataLocation.site_id
-            )
-        )
-    }
-
-
 def _age(seconds: float) -> str:
     if seconds >= 2 * 86400:
         return f"{seconds / 86400:.1f} days"
@@ -444,8 +432,6 @@ def _failed(s: Session, where: dict[int, tuple[str, str]]) -> tuple[list[Conditi
 
 
 def _stranded(s: Session, where: dict[int, tuple[str, str]], now: dt.datetime) -> list[Condition]:
-    from .metrics import _stranded as stranded_condition
-
     rows = s.execute(
         select(
             DataTransferPackage.id, DataTransferPackage.name, DataTransferPackage.origin_location_id
@@ -468,8 +454,6 @@ def _stranded(s: Session, where: dict[int, tuple[str, str]], now: dt.datetime) -
 
 
 def _bad_copies(s: Session, where: dict[int, tuple[str, str]]) -> list[Condition]:
-    from .metrics import _UNVERIFIED
-
     rows = s.execute(
         select(
             PhysicalCopy.id,
@@ -572,7 +556,7 @@ def conditions(
     :data:`CAP` is not, and nothing of it is cleared this pass)."""
     now = now or dt.datetime.now(dt.UTC)
     with Session(engine) as s:
-        where = _where(s)
+        where = _locations(s)
         failed, failed_complete = _failed(s, where)
         found = [
             *failed,

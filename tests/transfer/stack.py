@@ -227,6 +227,23 @@ class Stack:
                 )
         return eou_id
 
+    def cut_link_to_cologne(self) -> int:
+        """The one transfer to Cologne can never succeed, for real: it goes over rsync/ssh to a
+        loopback port where nothing listens ("connection refused"). Returns its id."""
+        with Session(self.engine) as s, s.begin():
+            route = s.scalar(
+                select(m.DataTransferRoute).where(m.DataTransferRoute.name == "ccat_to_cologne")
+            )
+            t = s.scalars(select(m.DataTransfer)).one()
+            t.method = "rsync"
+            route.options = {
+                "ssh_options": ["Port=1"],
+                "connect_timeout": 2,
+                "strict_host_key_checking": "no",
+            }
+            s.get(m.DiskDataLocation, t.destination_location_id).host = "127.0.0.1"
+            return t.id
+
     def start_worker(
         self, site: str, *locations: str, concurrency: int = 2
     ) -> subprocess.Popen[bytes]:

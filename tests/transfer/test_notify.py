@@ -130,18 +130,7 @@ def fail_a_transfer(stack: Stack) -> int:
     for name in ("raw_data_packages", "transfer_packages", "transfer_packages"):
         run_pass(name, ctx.engine, ctx.settings, d)
         d.drain(ctx)
-    with Session(stack.engine) as s, s.begin():
-        route = s.scalar(
-            select(m.DataTransferRoute).where(m.DataTransferRoute.name == "ccat_to_cologne")
-        )
-        t = s.scalars(select(m.DataTransfer)).one()
-        t.method = "rsync"
-        route.options = {
-            "ssh_options": ["Port=1"],
-            "connect_timeout": 2,
-            "strict_host_key_checking": "no",
-        }
-        s.get(m.DiskDataLocation, t.destination_location_id).host = "127.0.0.1"
+    stack.cut_link_to_cologne()
     for _ in range(3):
         run_pass("transfers", ctx.engine, ctx.settings, d)
         d.drain(ctx)
@@ -149,6 +138,21 @@ def fail_a_transfer(stack: Stack) -> int:
         t = s.scalars(select(m.DataTransfer)).one()
         assert t.status == Status.FAILED, t.failure_reason
         return t.id
+
+
+def mark_a_package_copy_bad(stack: Stack, reason: str) -> int:
+    """Make the first raw data package copy one that failed its check and was not repaired
+    (present, no verified checksum, a reason). Returns its id."""
+    with Session(stack.engine) as s, s.begin():
+        copy = s.scalars(
+            select(m.PhysicalCopy)
+            .where(m.PhysicalCopy.copy_type == "raw_data_package")
+            .order_by(m.PhysicalCopy.id)
+        ).first()
+        assert copy is not None
+        copy.checksum_verified_at = None
+        copy.failure_reason = reason
+        return copy.id
 
 
 def sample(name: str, **labels: str) -> float:
@@ -252,12 +256,7 @@ def test_a_channel_is_paced_and_an_unreachable_one_names_why(
     paced = channel_settings(stack, None, hook, notify_min_interval_s=3600)
     assert notify.run_notify_pass(stack.engine, paced).sent == {"webhook": 1}
     # a new problem within the interval waits for the next digest
-    with Session(stack.engine) as s, s.begin():
-        copy = s.scalars(
-            select(m.PhysicalCopy).where(m.PhysicalCopy.copy_type == "raw_data_package")
-        ).first()
-        copy.checksum_verified_at = None
-        copy.failure_reason = "ChecksumMismatch: xxh3_128 differs; no good copy to repair from"
+    mark_a_package_copy_bad(stack, "ChecksumMismatch: xxh3_128 differs; no good copy")
     waiting = notify.run_notify_pass(stack.engine, paced)
     assert waiting.opened == 1 and waiting.sent == {} and len(hook.messages()) == 1
     assert sample("ccat_transfer_notices_undelivered", channel="webhook") == 1
@@ -280,13 +279,7 @@ def test_a_problem_that_clears_within_the_hold_is_never_sent(
     run_pass("raw_data_packages", ctx.engine, ctx.settings, d)
     d.drain(ctx)
     held = channel_settings(stack, None, hook, notify_hold_s=3600)
-    with Session(stack.engine) as s, s.begin():
-        copy = s.scalars(
-            select(m.PhysicalCopy).where(m.PhysicalCopy.copy_type == "raw_data_package")
-        ).one()
-        copy.checksum_verified_at = None
-        copy.failure_reason = "ChecksumMismatch: re-fetch scheduled"
-        copy_id = copy.id
+    copy_id = mark_a_package_copy_bad(stack, "ChecksumMismatch: re-fetch scheduled")
     opened = notify.run_notify_pass(stack.engine, held)
     assert opened.opened == 1 and opened.sent == {}
     with Session(stack.engine) as s, s.begin():

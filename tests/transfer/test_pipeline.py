@@ -187,19 +187,7 @@ def test_permanent_failure_stops_after_its_retry_bound(stack: Stack) -> None:
         d.drain(ctx)
     # The link to Cologne is down: the destination buffer is reached over ssh on a loopback
     # port where nothing listens, so every attempt fails with a real "connection refused".
-    with Session(stack.engine) as s, s.begin():
-        route = s.scalar(
-            select(m.DataTransferRoute).where(m.DataTransferRoute.name == "ccat_to_cologne")
-        )
-        t = s.scalars(select(m.DataTransfer)).one()
-        t.method = "rsync"
-        route.options = {
-            "ssh_options": ["Port=1"],
-            "connect_timeout": 2,
-            "strict_host_key_checking": "no",
-        }
-        dest = s.get(m.DiskDataLocation, t.destination_location_id)
-        dest.host = "127.0.0.1"
+    stack.cut_link_to_cologne()
     attempts = 0
     for _ in range(8):
         run_pass("transfers", ctx.engine, ctx.settings, d)
