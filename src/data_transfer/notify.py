@@ -508,26 +508,30 @@ def _stuck(
 ) -> list[Condition]:
     before = now - dt.timedelta(seconds=after_s)
     per_site: dict[str, tuple[int, dt.datetime, str, str]] = {}
-    rows = s.execute(
+    loc = RawDataPackage.origin_location_id
+    # one read of the packages not archived: per SOURCE, how many are older than the limit
+    # and which is the oldest
+    ranked = (
         select(
-            RawDataPackage.origin_location_id,
-            func.count(),
-            func.min(RawDataPackage.created_at),
+            loc.label("loc_id"),
+            RawDataPackage.name,
+            RawDataPackage.state,
+            RawDataPackage.created_at,
+            func.count().over(partition_by=loc).label("n"),
+            func.row_number()
+            .over(partition_by=loc, order_by=(RawDataPackage.created_at, RawDataPackage.id))
+            .label("r"),
         )
         .where(RawDataPackage.state != PackageState.ARCHIVED, RawDataPackage.created_at < before)
-        .group_by(RawDataPackage.origin_location_id)
+        .subquery()
+    )
+    rows = s.execute(
+        select(
+            ranked.c.loc_id, ranked.c.n, ranked.c.created_at, ranked.c.name, ranked.c.state
+        ).where(ranked.c.r == 1)
     ).all()
-    for loc_id, n, oldest in rows:
+    for loc_id, n, oldest, name, state in rows:
         site = where.get(loc_id, ("unknown", ""))[0]
-        name, state = s.execute(
-            select(RawDataPackage.name, RawDataPackage.state)
-            .where(
-                RawDataPackage.origin_location_id == loc_id,
-                RawDataPackage.state != PackageState.ARCHIVED,
-            )
-            .order_by(RawDataPackage.created_at, RawDataPackage.id)
-            .limit(1)
-        ).one()
         count, first, first_name, first_state = per_site.get(
             site, (0, _aware(oldest), name, str(state))
         )
