@@ -177,16 +177,22 @@ class Digest:
             parts.append(f"{len(self.cleared)} cleared")
         return "CCAT data transfer: " + (", ".join(parts) or "nothing new")
 
+    def shown(self) -> tuple[list[Item], list[Item]]:
+        """The items a message lists: at most ``max_items``, the new ones first. The rest are
+        counted, not listed (``ccat-transfer notices`` has them), so a burst of problems makes
+        one message of bounded size, which a chat webhook still takes."""
+        new = self.new[: self.max_items]
+        return new, self.cleared[: max(self.max_items - len(new), 0)]
+
     def text(self) -> str:
         """The plain-text body (also the webhook's ``text``)."""
         lines = [self.subject, f"as of {self.at:%Y-%m-%d %H:%M} UTC", ""]
-        budget = self.max_items
-        for title, items in (("NEW", self.new), ("CLEARED", self.cleared)):
+        for title, items, shown in zip(
+            ("NEW", "CLEARED"), (self.new, self.cleared), self.shown(), strict=True
+        ):
             if not items:
                 continue
             lines.append(f"{title} ({len(items)})")
-            shown = items[: max(budget, 0)]
-            budget -= len(shown)
             for item in shown:
                 where = f"{item.site}: " if item.site else ""
                 lines.append(f"- [{item.kind}] {where}{item.summary}")
@@ -206,12 +212,15 @@ class Digest:
 
     def payload(self) -> dict[str, Any]:
         """The webhook body: ``text`` for chat tools, the items for anything else."""
+        new, cleared = self.shown()
         return {
             "text": self.text(),
             "subject": self.subject,
             "at": self.at.isoformat(),
             "still_open": self.still_open,
-            "notices": [i.as_json() for i in [*self.new, *self.cleared]],
+            "notices": [i.as_json() for i in [*new, *cleared]],
+            # listed in neither ``notices`` nor ``text``: counted only
+            "more": len(self.new) + len(self.cleared) - len(new) - len(cleared),
         }
 
 

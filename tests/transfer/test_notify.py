@@ -385,7 +385,9 @@ def test_a_digest_lists_at_most_max_items_and_counts_the_rest() -> None:
     assert "- [failed] ccat: problem 1\n    why 1" in body and "problem 2" not in body
     assert "- ... and 3 more" in body and "- ... and 1 more" in body
     assert "Open now: 5." in body
-    assert len(digest.payload()["notices"]) == 6  # the webhook carries every item
+    payload = digest.payload()  # the same two items, the rest counted: a bounded body
+    assert [n["subject"] for n in payload["notices"]] == ["data_transfer:0#1", "data_transfer:1#1"]
+    assert payload["more"] == 4
 
 
 @pytest.mark.parametrize(
@@ -459,3 +461,18 @@ def test_the_cli_lists_notices_and_sends_a_test_notice(
     )
     assert unset.returncode != 0 and "no notification channel" in unset.stdout + unset.stderr
     assert os.environ.get("CCAT_TRANSFER_NOTIFY_WEBHOOK_URL") is None
+
+
+def test_a_burst_is_one_bounded_message_and_every_problem_in_it_counts_as_told(
+    stack: Stack, receiver: Callable[..., Receiver]
+) -> None:
+    hook = receiver("webhook")
+    fail_a_transfer(stack)
+    mark_a_package_copy_bad(stack, "ChecksumMismatch: no good copy")
+    one = channel_settings(stack, None, hook, notify_max_items=1)
+    assert notify.run_notify_pass(stack.engine, one).sent == {"webhook": 2}
+    (body,) = hook.messages()
+    assert [n["kind"] for n in body["notices"]] == ["failed"] and body["more"] == 1
+    assert "- ... and 1 more" in body["text"] and body["still_open"] == 2
+    assert notify.run_notify_pass(stack.engine, one).sent == {}
+    assert len(hook.messages()) == 1
