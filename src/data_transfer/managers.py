@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -837,12 +838,21 @@ def fixity(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -
 ManagerFn = Callable[[Engine, TransferSettings, Dispatcher], PassReport]
 
 
-#: The managers in pipeline order (``run-once`` runs them in this order).
+#: When the notify pass last ran, per engine (this process).
+_NOTIFY_LAST: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
 def notifications(engine: Engine, settings: TransferSettings, dispatcher: Dispatcher) -> PassReport:
     """Operator notices (:mod:`data_transfer.notify`): record what needs a person and send
-    each configured channel what is due to it. Submits no task."""
+    each configured channel what is due to it, at most every ``notify_check_s``. Submits no
+    task."""
     from .notify import run_notify_pass
 
+    now = time.monotonic()
+    last = _NOTIFY_LAST.get(engine)
+    if last is not None and now - last < settings.notify_check_s:
+        return PassReport("notify")
+    _NOTIFY_LAST[engine] = now
     done = run_notify_pass(engine, settings)
     report = PassReport("notify", created=done.opened)
     if done.skipped:
@@ -854,6 +864,7 @@ def notifications(engine: Engine, settings: TransferSettings, dispatcher: Dispat
     return report
 
 
+#: The managers in pipeline order (``run-once`` runs them in this order).
 MANAGERS: dict[str, ManagerFn] = {
     "raw_data_packages": raw_data_packages,
     "transfer_packages": transfer_packages,

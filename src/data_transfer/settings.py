@@ -137,6 +137,10 @@ class TransferSettings(BaseSettings):
     notify_max_items: int = Field(50, ge=1, description="notices listed in one digest")
     notify_resolved: bool = Field(True, description="also send when a notified problem clears")
     notify_timeout_s: float = Field(20.0, gt=0)
+    # The notify manager reads the problems at most this often: `manager all` runs every pass
+    # after each round, which with a short CCAT_TRANSFER_MANAGER_SLEEP_S is far more often than
+    # a person needs (the hold and the pace are minutes).
+    notify_check_s: float = Field(15.0, ge=0)
 
     # --- local state --------------------------------------------------------------------
     log_dir: Path = Field(Path("transfer-logs"), description="full command outputs go here")

@@ -186,6 +186,7 @@ def observed(
                         "CCAT_TRANSFER_METRICS_PORT": str(ports["manager"]),
                         "CCAT_TRANSFER_NOTIFY_WEBHOOK_URL": f"http://127.0.0.1:{hook_port}/h",
                         "CCAT_TRANSFER_NOTIFY_MIN_INTERVAL_S": "0",
+                        "CCAT_TRANSFER_NOTIFY_CHECK_S": "0",
                     },
                     cwd=root,
                 )

@@ -476,3 +476,14 @@ def test_a_burst_is_one_bounded_message_and_every_problem_in_it_counts_as_told(
     assert "- ... and 1 more" in body["text"] and body["still_open"] == 2
     assert notify.run_notify_pass(stack.engine, one).sent == {}
     assert len(hook.messages()) == 1
+
+
+def test_the_notify_manager_reads_the_problems_at_most_every_notify_check_s(stack: Stack) -> None:
+    slow = transfer_settings(stack.root, notify_check_s=3600)
+    assert run_pass("notify", stack.engine, slow, QueueDispatcher()).created == 0
+    fail_a_transfer(stack)  # a problem appears: the next round within the hour does not look
+    assert run_pass("notify", stack.engine, slow, QueueDispatcher()).created == 0
+    with Session(stack.engine) as s:
+        assert s.scalars(select(m.OperatorNotice)).all() == []
+    eager = transfer_settings(stack.root, notify_check_s=0)
+    assert run_pass("notify", stack.engine, eager, QueueDispatcher()).created == 1
