@@ -92,6 +92,10 @@ CAP = 10_000
 #: a week; the notice's history still has it).
 CLEARED_DELIVERY_WINDOW = dt.timedelta(days=7)
 
+#: An open notice whose text did not change gets its ``last_seen_at`` written this often (a
+#: write per open notice at every pass would be thousands of updates an hour for nothing).
+SEEN_REFRESH = dt.timedelta(hours=1)
+
 #: Key of the PostgreSQL advisory lock two notify managers take turns on.
 _LOCK_KEY = 0x43434154_4E4F54  # "CCAT" "NOT"
 
@@ -662,6 +666,7 @@ def record(
         }
         for c in found:
             notice = open_notices.pop((c.kind, c.subject), None)
+            text_now = (c.summary[:1000], c.detail, c.site)
             if notice is None:
                 s.add(
                     OperatorNotice(
@@ -677,9 +682,11 @@ def record(
                     )
                 )
                 opened += 1
-            else:
+            elif (notice.summary, notice.detail, notice.site) != text_now:
+                notice.summary, notice.detail, notice.site = text_now
                 notice.last_seen_at = now
-                notice.summary, notice.detail, notice.site = c.summary[:1000], c.detail, c.site
+            elif now - _aware(notice.last_seen_at) >= SEEN_REFRESH:
+                notice.last_seen_at = now  # unchanged: written hourly, not at every pass
         for (kind, _subject), notice in open_notices.items():
             if kind in complete:
                 notice.cleared_at = now

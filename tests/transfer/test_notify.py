@@ -487,3 +487,19 @@ def test_the_notify_manager_reads_the_problems_at_most_every_notify_check_s(stac
         assert s.scalars(select(m.OperatorNotice)).all() == []
     eager = transfer_settings(stack.root, notify_check_s=0)
     assert run_pass("notify", stack.engine, eager, QueueDispatcher()).created == 1
+
+
+def test_an_unchanged_open_notice_is_not_written_at_every_pass(stack: Stack) -> None:
+    fail_a_transfer(stack)
+    settings = transfer_settings(stack.root)
+    t0 = dt.datetime.now(dt.UTC)
+    notify.run_notify_pass(stack.engine, settings, now=t0)
+    notify.run_notify_pass(stack.engine, settings, now=t0 + dt.timedelta(minutes=30))
+    with Session(stack.engine) as s:
+        (n,) = s.scalars(select(m.OperatorNotice)).all()
+        assert n.last_seen_at == t0  # nothing changed: no write
+    notify.run_notify_pass(stack.engine, settings, now=t0 + dt.timedelta(minutes=61))
+    with Session(stack.engine) as s:
+        (n,) = s.scalars(select(m.OperatorNotice)).all()
+        assert n.last_seen_at == t0 + dt.timedelta(minutes=61)  # the hourly refresh
+        assert n.cleared_at is None and n.first_seen_at == t0

@@ -137,6 +137,7 @@ class OperatorNotice(Base):
     (``cleared_at`` NULL) at a time, so a problem that comes back after it cleared is a new
     notice. ``delivered`` and ``cleared_delivered`` map each channel to when it was told
     (ISO time), so a channel that was down is told later and nobody is told twice.
+    ``last_seen_at``: when a pass last changed its text, or at least hourly while it is open.
     """
 
     __tablename__ = "operator_notice"
