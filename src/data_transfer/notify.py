@@ -46,7 +46,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -69,20 +69,14 @@ from ccat_ops_db.models import (
 )
 
 from .errors import ConfigurationError, TransferSystemError
-from .metrics import _UNVERIFIED, _locations
+from .metrics import _UNVERIFIED, _aware, _locations
 from .metrics import _stranded as stranded_condition
 from .settings import TransferSettings
 
 log = logging.getLogger("data_transfer.notify")
 
-#: The kinds of notice, in the order a digest lists them.
-KINDS: dict[str, str] = {
-    "failed": "failed for good",
-    "stranded": "no archive site left",
-    "bad_copy": "bad copy not repaired",
-    "undeletable": "copies that cannot be deleted",
-    "stuck": "not archived",
-}
+#: The kinds of notice, in the order a digest lists them (see the module docstring).
+KINDS = ("failed", "stranded", "bad_copy", "undeletable", "stuck")
 
 #: At most this many conditions of one kind are read per pass. Past it, the kind is
 #: incomplete this pass: nothing of that kind is cleared (what was not read is not gone).
@@ -362,10 +356,6 @@ def _age(seconds: float) -> str:
     return f"{seconds / 60:.0f} minutes"
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 #: FAILED records: per kind of record (data_transfer.state.KINDS), how a person calls it, the
 #: column with a name for it, the join that column needs, and the location whose site acts.
 def _failed_specs() -> list[tuple[str, str, Any, Any, Any, Any]]:
@@ -598,25 +588,18 @@ def _turn(engine: Engine) -> Iterator[bool]:
     if engine.dialect.name != "postgresql":
         yield True
         return
-    if isinstance(engine, Connection):  # a caller's connection (the scale benchmark's)
-        got = bool(
-            engine.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}).scalar()
-        )
-        try:
-            yield got
-        finally:
-            if got:
-                engine.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
-        return
-    with engine.connect() as conn:
+    own = not isinstance(engine, Connection)  # else a caller's connection (scale benchmark)
+    with engine.connect() if own else nullcontext(engine) as conn:
         got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}).scalar())
-        conn.commit()
+        if own:
+            conn.commit()
         try:
             yield got
         finally:
             if got:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
-                conn.commit()
+                if own:
+                    conn.commit()
 
 
 @dataclass
@@ -660,10 +643,7 @@ def record(
     the kinds read completely). One transaction. Returns (opened, cleared)."""
     opened = cleared = 0
     with Session(engine) as s, s.begin():
-        open_notices = {
-            (n.kind, n.subject): n
-            for n in s.scalars(select(OperatorNotice).where(OperatorNotice.cleared_at.is_(None)))
-        }
+        open_notices = {(n.kind, n.subject): n for n in s.scalars(OperatorNotice.newest())}
         for c in found:
             notice = open_notices.pop((c.kind, c.subject), None)
             text_now = (c.summary[:1000], c.detail, c.site)
@@ -705,33 +685,32 @@ def _items(notices: Sequence[OperatorNotice]) -> list[Item]:
             _aware(n.first_seen_at),
             _aware(n.cleared_at) if n.cleared_at else None,
         )
-        for n in sorted(notices, key=lambda n: (list(KINDS).index(n.kind), n.id))
+        for n in sorted(notices, key=lambda n: (KINDS.index(n.kind), n.id))
     ]
 
 
 def _due(
-    s: Session, channel: str, settings: TransferSettings, now: dt.datetime
-) -> tuple[list[OperatorNotice], list[OperatorNotice], int]:
-    """(openings due to ``channel``, clearings due to it, notices open now)."""
+    opened: Sequence[OperatorNotice],
+    recent: Sequence[OperatorNotice],
+    channel: str,
+    settings: TransferSettings,
+    now: dt.datetime,
+) -> tuple[list[OperatorNotice], list[OperatorNotice]]:
+    """Of the open notices and those cleared lately: (openings due to ``channel``, clearings
+    due to it)."""
     held_since = now - dt.timedelta(seconds=settings.notify_hold_s)
-    opened = s.scalars(select(OperatorNotice).where(OperatorNotice.cleared_at.is_(None))).all()
     new = [
         n
         for n in opened
         if channel not in (n.delivered or {})
         and (n.kind == "failed" or _aware(n.first_seen_at) <= held_since)
     ]
-    cleared: list[OperatorNotice] = []
-    if settings.notify_resolved:
-        recent = s.scalars(
-            select(OperatorNotice).where(OperatorNotice.cleared_at >= now - CLEARED_DELIVERY_WINDOW)
-        ).all()
-        cleared = [
-            n
-            for n in recent
-            if channel in (n.delivered or {}) and channel not in (n.cleared_delivered or {})
-        ]
-    return new, cleared, len(opened)
+    cleared = [
+        n
+        for n in recent
+        if channel in (n.delivered or {}) and channel not in (n.cleared_delivered or {})
+    ]
+    return new, cleared
 
 
 def deliver(
@@ -743,21 +722,32 @@ def deliver(
 ) -> None:
     """Send each channel its digest of what is due to it, and record what it was told."""
     tick = time.monotonic()
+    with Session(engine) as s:  # read once for every channel
+        opened = s.scalars(OperatorNotice.newest()).all()
+        recent = (
+            s.scalars(
+                select(OperatorNotice).where(
+                    OperatorNotice.cleared_at >= now - CLEARED_DELIVERY_WINDOW
+                )
+            ).all()
+            if settings.notify_resolved
+            else []
+        )
+        s.expunge_all()
     for channel in targets:
-        with Session(engine) as s:
-            new, cleared, still_open = _due(s, channel.name, settings, now)
-            _UNDELIVERED.labels(channel.name).set(len(new) + len(cleared))
-            if not (new or cleared) or not PACE.due(channel.name, tick):
-                continue
-            digest = Digest(
-                new=_items(new),
-                cleared=_items(cleared),
-                still_open=still_open,
-                max_items=settings.notify_max_items,
-                at=now,
-            )
-            ids_new = [n.id for n in new]
-            ids_cleared = [n.id for n in cleared]
+        new, cleared = _due(opened, recent, channel.name, settings, now)
+        _UNDELIVERED.labels(channel.name).set(len(new) + len(cleared))
+        if not (new or cleared) or not PACE.due(channel.name, tick):
+            continue
+        digest = Digest(
+            new=_items(new),
+            cleared=_items(cleared),
+            still_open=len(opened),
+            max_items=settings.notify_max_items,
+            at=now,
+        )
+        ids_new = [n.id for n in new]
+        ids_cleared = [n.id for n in cleared]
         PACE.sent(channel.name, tick, settings.notify_min_interval_s)
         try:
             channel.send(digest)
@@ -843,9 +833,6 @@ def open_notices(engine: Engine, *, include_cleared: bool = False, limit: int = 
     """Notices for a person, newest first: the open ones (and the cleared ones with
     ``include_cleared``)."""
     with Session(engine) as s:
-        query = select(OperatorNotice).order_by(OperatorNotice.first_seen_at.desc()).limit(limit)
-        if not include_cleared:
-            query = query.where(OperatorNotice.cleared_at.is_(None))
-        rows = s.scalars(query).all()
+        rows = s.scalars(OperatorNotice.newest(include_cleared=include_cleared).limit(limit)).all()
         s.expunge_all()
         return list(rows)

@@ -11,10 +11,12 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Index,
+    Select,
     String,
     Text,
     UniqueConstraint,
     false,
+    select,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -163,3 +165,9 @@ class OperatorNotice(Base):
     cleared_at: Mapped[dt.datetime | None] = mapped_column(index=True)
     delivered: Mapped[dict[str, Any]] = mapped_column(default=dict)
     cleared_delivered: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    @classmethod
+    def newest(cls, *, include_cleared: bool = False) -> Select[tuple[OperatorNotice]]:
+        """The notices newest first: the open ones (``include_cleared``: every one)."""
+        query = select(cls).order_by(cls.first_seen_at.desc(), cls.id.desc())
+        return query if include_cleared else query.where(cls.cleared_at.is_(None))

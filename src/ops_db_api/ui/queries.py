@@ -113,14 +113,15 @@ def latest_failures(db: Session, limit: int = 50) -> list[Failure]:
 def open_notices(db: Session, limit: int = 10) -> tuple[list[OperatorNotice], int]:
     """The open operator notices (what needs a person, data_transfer.notify), newest first,
     at most ``limit``, and how many are open in all."""
-    where = OperatorNotice.cleared_at.is_(None)
-    rows = db.scalars(
-        select(OperatorNotice)
-        .where(where)
-        .order_by(OperatorNotice.first_seen_at.desc(), OperatorNotice.id.desc())
-        .limit(limit)
-    ).all()
-    total = db.scalar(select(func.count()).select_from(OperatorNotice).where(where)) or 0
+    rows = db.scalars(OperatorNotice.newest().limit(limit)).all()
+    total = (
+        db.scalar(
+            select(func.count())
+            .select_from(OperatorNotice)
+            .where(OperatorNotice.cleared_at.is_(None))
+        )
+        or 0
+    )
     return list(rows), int(total)
 
 
