@@ -219,6 +219,8 @@ class Transfer(pulumi.ComponentResource):
         depends_on: list[pulumi.Resource] = [migration.release, redis.secret, s3.secret]
         if notifications.secret is not None:
             depends_on.append(notifications.secret)
+        if notifications.ca_map is not None:
+            depends_on.append(notifications.ca_map)
         self.release = _release(
             "ccat-transfer", "ccat-transfer", namespace, values, self, depends_on
         )

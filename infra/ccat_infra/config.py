@@ -150,6 +150,7 @@ class Settings:
     workers: list[dict[str, Any]] | None
     transfer_egress: list[dict[str, Any]] | None
     transfer_notify_egress: list[dict[str, Any]] | None
+    transfer_notify_smtp_ca: str | None
     topology_file: Path
     monitoring_namespace: str
     monitoring: MonitoringConfig
@@ -355,7 +356,11 @@ def load(cfg: pulumi.Config | None = None) -> Settings:
         raise ConfigError("ccat:s3.archives must be a list of credentials_env_prefix names")
 
     tr = _obj(cfg, "transfer")
-    _known("transfer", tr, {"workerReplicas", "settings", "workers", "egress", "notifyEgress"})
+    _known(
+        "transfer",
+        tr,
+        {"workerReplicas", "settings", "workers", "egress", "notifyEgress", "notifySmtpCa"},
+    )
     settings_map = {str(k): str(v) for k, v in (tr.get("settings") or {}).items()}
     bad = [k for k in settings_map if not k.startswith("CCAT_TRANSFER_")]
     if bad:
@@ -386,6 +391,21 @@ def load(cfg: pulumi.Config | None = None) -> Settings:
             "each with its ports"
         )
 
+    # the mail relay's CA bundle (PEM text); the program mounts it into the managers
+    smtp_ca = tr.get("notifySmtpCa")
+    if smtp_ca is not None:
+        if not isinstance(smtp_ca, str) or "-----BEGIN CERTIFICATE-----" not in smtp_ca:
+            raise ConfigError(
+                "ccat:transfer.notifySmtpCa must be a PEM CA bundle (-----BEGIN CERTIFICATE-----"
+                ' ...), e.g. `pulumi config set ccat:transfer.notifySmtpCa --path -- "$(cat'
+                ' ca.pem)"`'
+            )
+        if "CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE" in settings_map:
+            raise ConfigError(
+                "ccat:transfer.settings has CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE and"
+                " ccat:transfer.notifySmtpCa is set: the program sets the variable to the"
+                " mounted bundle; drop the setting"
+            )
     topology = cfg.get("topologyFile")
     topology_file = (REPO / topology) if topology else DEFAULT_TOPOLOGY
     if not topology_file.is_file():
@@ -409,6 +429,7 @@ def load(cfg: pulumi.Config | None = None) -> Settings:
         workers=workers,
         transfer_egress=egress,
         transfer_notify_egress=notify_egress,
+        transfer_notify_smtp_ca=smtp_ca,
         topology_file=topology_file,
         monitoring_namespace=monitoring_namespace,
         monitoring=_monitoring(cfg, monitoring_namespace),

@@ -7,7 +7,9 @@ from Pulumi secrets (``pulumi config set --secret ccat:notifyWebhookUrl ...``,
 ``ccat:notifySmtpPassword``) into the Kubernetes Secret ``ccat-notifications``, made only when
 one of them is set; the chart gets its name and keys and hands them to the managers alone. The
 plain settings (mail server, recipients, timings) are ``ccat:transfer.settings``
-(``CCAT_TRANSFER_NOTIFY_*``).
+(``CCAT_TRANSFER_NOTIFY_*``). A mail relay whose certificate an internal CA signed: its CA
+bundle, ``ccat:transfer.notifySmtpCa``, becomes the ConfigMap ``ccat-notify-ca`` that the chart
+mounts into the managers (``notifications.caConfigMap``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from .workload import secret
 # keys of the Secret ccat-notifications
 WEBHOOK_KEY = "webhook-url"
 SMTP_KEY = "smtp-password"
+# key of the CA bundle in the ConfigMap ccat-notify-ca
+CA_KEY = "ca.crt"
 # the notification settings' defaults (src/data_transfer/settings.py)
 DEFAULT_SMTP_PORT = 587
 HTTPS = 443
@@ -95,6 +99,23 @@ class Notifications(pulumi.ComponentResource):
             secret_name = self.secret.metadata.apply(lambda m: m.name)
 
         self.enabled = bool(data) or bool(smtp_host)
+        self.ca_map: k8s.core.v1.ConfigMap | None = None
+        ca_map_name: pulumi.Input[str] | None = None
+        if settings.transfer_notify_smtp_ca is not None:
+            if not smtp_host:
+                raise ConfigError(
+                    "ccat:transfer.notifySmtpCa is set but ccat:transfer.settings has no "
+                    "CCAT_TRANSFER_NOTIFY_SMTP_HOST (the mail server it is the CA of)"
+                )
+            self.ca_map = k8s.core.v1.ConfigMap(
+                f"{name}-ca",
+                metadata=k8s.meta.v1.ObjectMetaArgs(
+                    name="ccat-notify-ca", namespace=namespace, labels=dict(settings.labels)
+                ),
+                data={CA_KEY: settings.transfer_notify_smtp_ca},
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+            ca_map_name = self.ca_map.metadata.apply(lambda m: m.name)
         egress = settings.transfer_notify_egress
         if egress is None:
             ports = []
@@ -113,4 +134,6 @@ class Notifications(pulumi.ComponentResource):
                 "smtpPasswordKey": SMTP_KEY if smtp_password is not None else "",
                 "egress": egress,
             }
+            if self.ca_map is not None:
+                self.values |= {"caConfigMap": ca_map_name, "caKey": CA_KEY}
         self.register_outputs({"enabled": self.enabled})

@@ -26,11 +26,14 @@ that no longer does (``cleared_at``). A problem is sent once it has held for
 digest per channel per pass, at most one per ``CCAT_TRANSFER_NOTIFY_MIN_INTERVAL_S``; when a
 problem that was sent clears, the next digest says so. Which channel was told what is kept on
 the notice, so a channel that was down is told later and nobody is told twice, also across a
-restart; two notify managers take turns on a PostgreSQL advisory lock.
+restart (the pace too: a restarted manager reads when each channel was last told from the
+notices); two notify managers take turns on a PostgreSQL advisory lock. Cleared notices are
+deleted after ``CCAT_TRANSFER_NOTIFY_KEEP_CLEARED_S`` (90 days).
 
 Channels (``data_transfer.settings``): a webhook (a JSON POST whose ``text`` a Slack or
 Mattermost incoming webhook shows as is; ``notices`` carries the structured list) and e-mail
-over SMTP (STARTTLS, TLS or plain; login when a user is set). No channel: notices are only
+over SMTP (STARTTLS, TLS or plain; login when a user is set; the server's certificate checked
+against the system's CAs or ``CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE``). No channel: notices are only
 kept, for ``ccat-transfer notices``.
 """
 
@@ -54,7 +57,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy import Connection, Engine, delete, func, select, text
 from sqlalchemy.orm import Session, aliased
 
 from ccat_ops_db.enums import PackageState, PhysicalCopyStatus, Status
@@ -85,6 +88,8 @@ CAP = 10_000
 #: A clearing not delivered within this long is not sent any more (the channel was down for
 #: a week; the notice's history still has it).
 CLEARED_DELIVERY_WINDOW = dt.timedelta(days=7)
+#: Cleared notices deleted per pass at most (the rest go in the next passes).
+PRUNE_BATCH = 1000
 
 #: An open notice whose text did not change gets its ``last_seen_at`` written this often (a
 #: write per open notice at every pass would be thousands of updates an hour for nothing).
@@ -289,6 +294,8 @@ class EmailChannel:
         self.sender = settings.notify_email_from
         self.recipients = settings.notify_recipients
         self.timeout_s = settings.notify_timeout_s
+        ca = settings.notify_smtp_ca_file
+        self.context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
 
     def message(self, digest: Digest) -> EmailMessage:
         """The e-mail of ``digest``."""
@@ -311,20 +318,25 @@ class EmailChannel:
                     self.host,
                     self.port,
                     timeout=self.timeout_s,
-                    context=ssl.create_default_context(),
+                    context=self.context,
                 )
             else:
                 smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout_s)
             with smtp:
                 smtp.ehlo()
                 if self.security == "starttls":
-                    smtp.starttls(context=ssl.create_default_context())
+                    smtp.starttls(context=self.context)
                     smtp.ehlo()
                 if self.user:
                     smtp.login(self.user, self.password or "")
                 refused = smtp.send_message(self.message(digest))
         except smtplib.SMTPException as exc:
             raise NotifyError(f"{where} refused the notice: {exc}") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise NotifyError(
+                f"{where}: its certificate is not trusted ({exc.verify_message}); if an"
+                " internal CA signed it, set CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE to that CA"
+            ) from None
         except OSError as exc:  # TimeoutError is one
             raise NotifyError(f"{where} not reached: {exc}") from None
         if refused:
@@ -608,6 +620,7 @@ class NotifyReport:
 
     opened: int = 0
     cleared: int = 0
+    pruned: int = 0
     sent: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     skipped: bool = False
@@ -713,6 +726,33 @@ def _due(
     return new, cleared
 
 
+def last_told(channel: str, notices: Sequence[OperatorNotice]) -> dt.datetime | None:
+    """When ``channel`` was last sent a digest, as far as the notices show (the newest stamp of
+    an opening or a clearing told to it), so a restarted manager keeps the pace too."""
+    stamps = [
+        stamp
+        for n in notices
+        for stamp in ((n.delivered or {}).get(channel), (n.cleared_delivered or {}).get(channel))
+        if stamp
+    ]
+    return max((dt.datetime.fromisoformat(x) for x in stamps), default=None)
+
+
+def prune(engine: Engine, settings: TransferSettings, now: dt.datetime) -> int:
+    """Delete notices cleared longer ago than ``notify_keep_cleared_s``, at most
+    ``PRUNE_BATCH`` per pass (one transaction). Returns how many."""
+    before = now - dt.timedelta(seconds=settings.notify_keep_cleared_s)
+    with Session(engine) as s, s.begin():
+        ids = (
+            select(OperatorNotice.id)
+            .where(OperatorNotice.cleared_at < before)
+            .order_by(OperatorNotice.cleared_at)
+            .limit(PRUNE_BATCH)
+        )
+        gone = s.execute(delete(OperatorNotice).where(OperatorNotice.id.in_(ids.scalar_subquery())))
+        return gone.rowcount or 0
+
+
 def deliver(
     engine: Engine,
     settings: TransferSettings,
@@ -724,21 +764,21 @@ def deliver(
     tick = time.monotonic()
     with Session(engine) as s:  # read once for every channel
         opened = s.scalars(OperatorNotice.newest()).all()
-        recent = (
-            s.scalars(
-                select(OperatorNotice).where(
-                    OperatorNotice.cleared_at >= now - CLEARED_DELIVERY_WINDOW
-                )
-            ).all()
-            if settings.notify_resolved
-            else []
-        )
+        recent = s.scalars(
+            select(OperatorNotice).where(OperatorNotice.cleared_at >= now - CLEARED_DELIVERY_WINDOW)
+        ).all()
         s.expunge_all()
+    pace = dt.timedelta(seconds=settings.notify_min_interval_s)
     for channel in targets:
-        new, cleared = _due(opened, recent, channel.name, settings, now)
+        new, cleared = _due(
+            opened, recent if settings.notify_resolved else [], channel.name, settings, now
+        )
         _UNDELIVERED.labels(channel.name).set(len(new) + len(cleared))
         if not (new or cleared) or not PACE.due(channel.name, tick):
             continue
+        told = last_told(channel.name, [*opened, *recent])
+        if told is not None and now - told < pace:
+            continue  # told by an earlier process (a restart) within the interval
         digest = Digest(
             new=_items(new),
             cleared=_items(cleared),
@@ -797,6 +837,9 @@ def run_notify_pass(
             return report
         found, complete = conditions(engine, settings, now)
         report.opened, report.cleared = record(engine, found, complete, now)
+        report.pruned = prune(engine, settings, now)
+        if report.pruned:
+            log.info("notify: deleted %d notice(s) cleared long ago", report.pruned)
         for kind in KINDS:
             _OPEN.labels(kind).set(sum(1 for c in found if c.kind == kind))
         if targets:

@@ -10,6 +10,7 @@ of the 10-50 TB range that suits the long haul) or sent when the oldest package 
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,10 @@ class TransferSettings(BaseSettings):
     notify_smtp_security: str = Field("starttls", pattern="^(starttls|ssl|none)$")
     notify_smtp_user: str | None = None
     notify_smtp_password: SecretStr | None = None
+    # A CA bundle (PEM) to check the mail server's certificate with, for a relay whose
+    # certificate an internal CA signed; unset: the system's trusted CAs. The name is always
+    # checked too.
+    notify_smtp_ca_file: Path | None = None
     notify_email_from: str = "ccat-transfer@localhost"
     # Comma-separated recipients.
     notify_email_to: str = ""
@@ -141,6 +146,9 @@ class TransferSettings(BaseSettings):
     # after each round, which with a short CCAT_TRANSFER_MANAGER_SLEEP_S is far more often than
     # a person needs (the hold and the pace are minutes).
     notify_check_s: float = Field(15.0, ge=0)
+    # Cleared notices stay this long for `ccat-transfer notices --cleared`, then the notify
+    # manager deletes them. At least a week: a clearing is told within a week of it.
+    notify_keep_cleared_s: float = Field(90 * 86400.0, ge=7 * 86400.0)
 
     # --- local state --------------------------------------------------------------------
     log_dir: Path = Field(Path("transfer-logs"), description="full command outputs go here")
@@ -180,6 +188,17 @@ class TransferSettings(BaseSettings):
                 "CCAT_TRANSFER_NOTIFY_SMTP_PASSWORD is set but CCAT_TRANSFER_NOTIFY_SMTP_USER"
                 " is not"
             )
+        if self.notify_smtp_ca_file is not None:
+            where = f"CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE={self.notify_smtp_ca_file}"
+            if self.notify_smtp_security == "none":
+                raise ValueError(
+                    f"{where} is set but CCAT_TRANSFER_NOTIFY_SMTP_SECURITY is none: a CA file"
+                    " is for starttls or ssl"
+                )
+            try:
+                ssl.create_default_context(cafile=str(self.notify_smtp_ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"{where}: not a readable PEM CA bundle ({exc})") from None
         return self
 
     @property

@@ -417,6 +417,21 @@ def test_notifications_refuse_literal_secrets_and_a_closed_mail_port(tmp_path: P
             ],
             "names no key",
         ),
+        (
+            ["--set", "notifications.caConfigMap=mail-ca"],
+            "notifications.caConfigMap is set but notifications.enabled is false",
+        ),
+        (
+            [
+                "--set",
+                "notifications.enabled=true",
+                "--set",
+                "notifications.caConfigMap=mail-ca",
+                "--set",
+                "transfer.CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE=/etc/ssl/mine.pem",
+            ],
+            "drop one",
+        ),
         (["--set", "notifications.enabled=true", "--set", "notifications.egress=null"], "no rule"),
         (["-f", str(empty_egress)], "/notifications/egress"),
         (
@@ -457,6 +472,40 @@ def test_notifications_refuse_literal_secrets_and_a_closed_mail_port(tmp_path: P
     ):
         res = checks().helm(helm, "template", "x", chart, *cases[-1][0], *extra)
         assert res.returncode == 0, (extra, res.stderr)
+
+
+def test_the_mail_servers_ca_bundle_is_mounted_into_the_managers_only() -> None:
+    """notifications.caConfigMap: the bundle is a read-only ConfigMap volume of the managers,
+    and CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE names the mounted file; no worker gets either."""
+    docs = render_docs(
+        "ccat-transfer",
+        "default",
+        "--set",
+        "notifications.enabled=true",
+        "--set",
+        "notifications.caConfigMap=mail-relay-ca",
+        "--set",
+        "notifications.caKey=bundle.pem",
+    )
+    assert checks().validate_schemas(docs) == []
+    deps = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    managers = deps.pop("ccat-transfer-managers")
+    pod = managers["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "notify-ca"]
+    assert volume["configMap"] == {
+        "name": "mail-relay-ca",
+        "items": [{"key": "bundle.pem", "path": "ca.pem"}],
+    }
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "notify-ca"]
+    assert mount == {"name": "notify-ca", "mountPath": "/etc/ccat/notify-ca", "readOnly": True}
+    path = mount["mountPath"] + "/" + volume["configMap"]["items"][0]["path"]
+    assert pod_env(managers)["CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE"]["value"] == path
+    for name, dep in deps.items():
+        assert "CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE" not in pod_env(dep), name
+        assert "notify-ca" not in {v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]}
+    default = render_docs("ccat-transfer")
+    for dep in by_kind(default, "Deployment"):
+        assert "notify-ca" not in {v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]}
 
 
 def test_migration_job_is_a_pre_install_and_pre_upgrade_hook() -> None:

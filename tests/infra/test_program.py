@@ -355,6 +355,11 @@ MAIL = {
 }
 
 
+# A CA bundle's shape (the program checks the PEM marker, the managers parse it at start).
+TEST_CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB...test...\n-----END CERTIFICATE-----\n"
+CONFIGMAP = "kubernetes:core/v1:ConfigMap"
+
+
 def with_transfer(stack: str, **extra: object) -> dict[str, object]:
     """An override of ``ccat:transfer``: the stack's own, with these keys changed."""
     return {"ccat:transfer": {**stack_config(stack).get("ccat:transfer", {}), **extra}}
@@ -494,6 +499,35 @@ def test_notifications_with_one_channel_or_a_relay(tmp_path: Path) -> None:
     assert policy["spec"]["egress"] == rules
 
 
+def test_the_mail_relays_ca_becomes_a_config_map_mounted_into_the_managers(
+    tmp_path: Path,
+) -> None:
+    """ccat:transfer.notifySmtpCa: the ConfigMap ccat-notify-ca holds it, the release waits for
+    it, and the managers (only) mount it and name it in CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE."""
+    run = run_stack("dev", overrides=with_transfer("dev", settings=MAIL, notifySmtpCa=TEST_CA_PEM))
+    ca = run.one(CONFIGMAP, "ccat-notify-ca")
+    assert unwrap(ca.inputs["data"]) == {"ca.crt": TEST_CA_PEM}
+    assert unwrap(ca.inputs["metadata"])["name"] == "ccat-notify-ca"
+    assert "ccat-notify-ca" in run.one(RELEASE, "ccat-transfer").depends_on
+    notifications = run.release_values("ccat-transfer")["notifications"]
+    assert notifications["caConfigMap"] == "ccat-notify-ca"
+    assert notifications["caKey"] == "ca.crt"
+    managers, workers, _ = notify_parts(rendered_release(run, "ccat-transfer", tmp_path))
+    assert env_of(managers)["CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE"]["value"] == (
+        "/etc/ccat/notify-ca/ca.pem"
+    )
+    (volume,) = [
+        v for v in managers["spec"]["template"]["spec"]["volumes"] if v["name"] == "notify-ca"
+    ]
+    assert volume["configMap"]["name"] == "ccat-notify-ca"
+    for dep in workers:
+        assert "CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE" not in env_of(dep)
+    # without it: no ConfigMap, nothing mounted
+    plain = run_stack("dev", overrides=with_transfer("dev", settings=MAIL))
+    assert "ccat-notify-ca" not in {r.name for r in plain.of_type(CONFIGMAP)}
+    assert "caConfigMap" not in plain.release_values("ccat-transfer")["notifications"]
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -537,6 +571,21 @@ def test_an_smtp_password_needs_its_server_and_login(settings: dict, message: st
             "ccat:notifySmtpPassword",
         ),
         ({"ccat:transfer": {"notifyEgress": []}}, "ccat:transfer.notifyEgress must be"),
+        ({"ccat:transfer": {"notifySmtpCa": "ca.pem"}}, "must be a PEM CA bundle"),
+        (
+            {
+                "ccat:transfer": {
+                    "notifySmtpCa": TEST_CA_PEM,
+                    "settings": {"CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE": "/etc/ssl/ca.pem"},
+                }
+            },
+            "the program sets the variable to the mounted bundle",
+        ),
+        (
+            {"ccat:transfer": {"notifySmtpCa": TEST_CA_PEM}},
+            "ccat:transfer.notifySmtpCa is set but ccat:transfer.settings has no "
+            "CCAT_TRANSFER_NOTIFY_SMTP_HOST",
+        ),
         (
             {"ccat:transfer": {"notifyEgress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}},
             "each with its ports",

@@ -2,11 +2,14 @@
 
 * ``smtp``: an SMTP server (aiosmtpd) that stores every message it accepts as
   ``<out>/<n>.eml``. With ``--user``/``--password`` it offers AUTH and refuses mail from a
-  client that did not log in (530).
+  client that did not log in (530). With ``--tls starttls`` it offers STARTTLS, with
+``--tls ssl`` it speaks TLS from the first byte; ``--cert``/``--key`` are its certificate
+(``make_certificates`` writes a test CA and a certificate it signed for 127.0.0.1).
 * ``webhook``: an HTTP server that stores every POST body as ``<out>/<n>.json`` and answers
   204; the first ``--fail-first`` requests get 503 instead (and are not stored).
 
-Run: ``python -m tests.transfer.notify_servers smtp --port P --out DIR [--user U --password W]``
+Run: ``python -m tests.transfer.notify_servers smtp --port P --out DIR [--user U --password W]
+[--tls starttls|ssl --cert C --key K]``
 or ``... webhook --port P --out DIR [--fail-first N]``. The fixtures in test_notify.py start
 them and wait for the port.
 """
@@ -14,8 +17,11 @@ them and wait for the port.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import ipaddress
 import itertools
 import signal
+import ssl
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +31,78 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 
 
-def serve_smtp(port: int, out: Path, user: str | None, password: str | None) -> None:
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """Write a test CA and a server certificate it signed for 127.0.0.1 (valid for a day).
+    Returns (CA certificate, server certificate, server key), all PEM."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("CCAT notify test CA"))
+        .issuer_name(name("CCAT notify test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def serve_smtp(
+    port: int,
+    out: Path,
+    user: str | None,
+    password: str | None,
+    tls: str | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> None:
     """Run the SMTP receiver until SIGTERM."""
     from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -58,6 +135,12 @@ def serve_smtp(port: int, out: Path, user: str | None, password: str | None) -> 
     kwargs: dict[str, Any] = {}
     if user:
         kwargs = {"authenticator": authenticate, "auth_require_tls": False}
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(cert), str(key))
+        kwargs["ssl_context" if tls == "ssl" else "tls_context"] = context
+        if tls == "starttls":
+            kwargs["require_starttls"] = True
     controller = Controller(Store(), hostname=LOOPBACK, port=port, **kwargs)
     controller.start()
     stop = threading.Event()
@@ -107,10 +190,13 @@ def main() -> None:
     parser.add_argument("--user")
     parser.add_argument("--password")
     parser.add_argument("--fail-first", type=int, default=0)
+    parser.add_argument("--tls", choices=("starttls", "ssl"))
+    parser.add_argument("--cert", type=Path)
+    parser.add_argument("--key", type=Path)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.kind == "smtp":
-        serve_smtp(args.port, args.out, args.user, args.password)
+        serve_smtp(args.port, args.out, args.user, args.password, args.tls, args.cert, args.key)
     else:
         serve_webhook(args.port, args.out, args.fail_first)
 

@@ -2,9 +2,8 @@
 
 Real PostgreSQL (the stack fixture), a real SMTP server (aiosmtpd) and a real HTTP webhook
 receiver, each in its own process on 127.0.0.1 (notify_servers.py). The FAILED record comes
-from a real failing transfer (ssh to a loopback port where nothing listens). Not covered here:
-STARTTLS and SMTP over TLS (the receiver has no certificate a client would trust); the
-e-mail channel's TLS setup is the standard library's default context.
+from a real failing transfer (ssh to a loopback port where nothing listens). STARTTLS and SMTP
+over TLS run against the same SMTP server with a certificate from a CA the test makes.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from data_transfer.inline import QueueDispatcher
 from data_transfer.managers import run_pass
 from data_transfer.operations import Context
 from data_transfer.settings import load_transfer_settings
+from tests.transfer.notify_servers import make_certificates
 from tests.transfer.servers import free_port
 from tests.transfer.stack import REPO, Stack, transfer_settings
 
@@ -268,6 +268,14 @@ def test_a_channel_is_paced_and_an_unreachable_one_names_why(
     down = notify.run_notify_pass(stack.engine, gone)
     assert down.failed["webhook"].startswith("webhook at 127.0.0.1 not reached:"), down.failed
 
+    # a restarted manager (its in-process pace gone) reads the pace from the notices
+    notify.PACE.reset()
+    restarted = notify.run_notify_pass(stack.engine, paced)
+    assert restarted.sent == {} and len(hook.messages()) == 1
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1, minutes=1)
+    assert notify.run_notify_pass(stack.engine, paced, now=later).sent == {"webhook": 1}
+    assert [n["kind"] for n in hook.messages()[1]["notices"]] == ["bad_copy"]
+
 
 def test_a_problem_that_clears_within_the_hold_is_never_sent(
     stack: Stack, receiver: Callable[..., Receiver]
@@ -408,6 +416,24 @@ def test_a_digest_lists_at_most_max_items_and_counts_the_rest() -> None:
             "CCAT_TRANSFER_NOTIFY_SMTP_USER",
         ),
         ({"CCAT_TRANSFER_NOTIFY_SMTP_SECURITY": "tls13"}, "CCAT_TRANSFER_NOTIFY_SMTP_SECURITY"),
+        (
+            {
+                "CCAT_TRANSFER_NOTIFY_SMTP_HOST": "127.0.0.1",
+                "CCAT_TRANSFER_NOTIFY_EMAIL_TO": "a@example.org",
+                "CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE": "/nonexistent/ca.pem",
+            },
+            "CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE=/nonexistent/ca.pem: not a readable PEM",
+        ),
+        (
+            {
+                "CCAT_TRANSFER_NOTIFY_SMTP_HOST": "127.0.0.1",
+                "CCAT_TRANSFER_NOTIFY_EMAIL_TO": "a@example.org",
+                "CCAT_TRANSFER_NOTIFY_SMTP_SECURITY": "none",
+                "CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE": "/etc/hostname",
+            },
+            "CCAT_TRANSFER_NOTIFY_SMTP_SECURITY is none",
+        ),
+        ({"CCAT_TRANSFER_NOTIFY_KEEP_CLEARED_S": "3600"}, "CCAT_TRANSFER_NOTIFY_KEEP_CLEARED_S"),
     ],
 )
 def test_bad_channel_settings_name_the_variable(
@@ -503,3 +529,52 @@ def test_an_unchanged_open_notice_is_not_written_at_every_pass(stack: Stack) -> 
         (n,) = s.scalars(select(m.OperatorNotice)).all()
         assert n.last_seen_at == t0 + dt.timedelta(minutes=61)  # the hourly refresh
         assert n.cleared_at is None and n.first_seen_at == t0
+
+
+@pytest.mark.parametrize("security", ["starttls", "ssl"])
+def test_smtp_over_tls_checks_the_servers_certificate(
+    stack: Stack, receiver: Callable[..., Receiver], tmp_path: Path, security: str
+) -> None:
+    ca, cert, key = make_certificates(tmp_path / "tls")
+    smtp = receiver("smtp", tls=security, cert=cert, key=key)
+    fail_a_transfer(stack)
+    untrusted = channel_settings(stack, smtp, None, notify_smtp_security=security)
+    refused = notify.run_notify_pass(stack.engine, untrusted)
+    assert "its certificate is not trusted" in refused.failed["email"], refused.failed
+    assert "set CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE" in refused.failed["email"]
+    if security == "starttls":  # the server will not take mail in the clear either
+        notify.PACE.reset()
+        plain = channel_settings(stack, smtp, None, notify_smtp_security="none")
+        refused = notify.run_notify_pass(stack.engine, plain)
+        assert "refused the notice" in refused.failed["email"], refused.failed
+        assert "STARTTLS" in refused.failed["email"]
+    assert smtp.messages() == []
+
+    notify.PACE.reset()
+    trusted = channel_settings(
+        stack, smtp, None, notify_smtp_security=security, notify_smtp_ca_file=ca
+    )
+    assert notify.run_notify_pass(stack.engine, trusted).sent == {"email": 1}
+    (msg,) = smtp.messages()
+    assert "FAILED" in msg.get_content() or "failed" in msg.get_content()
+
+
+def test_cleared_notices_are_deleted_after_notify_keep_cleared_s(stack: Stack) -> None:
+    transfer_id = fail_a_transfer(stack)
+    settings = transfer_settings(stack.root)  # 90 days
+    t0 = dt.datetime.now(dt.UTC)
+    assert notify.run_notify_pass(stack.engine, settings, now=t0).opened == 1
+    with Session(stack.engine) as s, s.begin():
+        s.get(m.DataTransfer, transfer_id).status = Status.COMPLETED
+    assert notify.run_notify_pass(stack.engine, settings, now=t0).cleared == 1
+    kept = notify.run_notify_pass(stack.engine, settings, now=t0 + dt.timedelta(days=89))
+    assert kept.pruned == 0
+
+    def failed() -> list[Any]:  # (by then the site is also `stuck`: that notice is open)
+        return [
+            n for n in notify.open_notices(stack.engine, include_cleared=True) if n.kind == "failed"
+        ]
+
+    assert len(failed()) == 1
+    gone = notify.run_notify_pass(stack.engine, settings, now=t0 + dt.timedelta(days=91))
+    assert gone.pruned == 1 and failed() == []

@@ -37,7 +37,9 @@
 {{/*
 Operator notifications (the managers only): the webhook URL and the SMTP password, each from
 the key of notifications.secretName (an existing Secret) unless that key is empty. The plain
-CCAT_TRANSFER_NOTIFY_* settings go through `transfer`, like every other setting.
+CCAT_TRANSFER_NOTIFY_* settings go through `transfer`, like every other setting; the mail
+server's CA bundle, when notifications.caConfigMap names one, is mounted (managers.yaml) and
+named by CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE.
 */}}
 {{- define "ccat-transfer.notifyEnv" -}}
 {{- $n := .Values.notifications -}}
@@ -58,6 +60,16 @@ CCAT_TRANSFER_NOTIFY_* settings go through `transfer`, like every other setting.
   valueFrom:
     secretKeyRef: {name: {{ $n.secretName | quote }}, key: {{ . | quote }}}
 {{- end }}
+{{- end }}
+{{- if $n.caConfigMap }}
+{{- if not $n.enabled }}
+{{- fail "notifications.caConfigMap is set but notifications.enabled is false" }}
+{{- end }}
+{{- if hasKey (.Values.transfer | default dict) "CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE" }}
+{{- fail "transfer.CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE is set and so is notifications.caConfigMap: the chart sets the variable to the mounted bundle; drop one" }}
+{{- end }}
+- name: CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE
+  value: /etc/ccat/notify-ca/ca.pem
 {{- end }}
 {{- end -}}
 
