@@ -777,7 +777,7 @@ def deliver(
         if not (new or cleared) or not PACE.due(channel.name, tick):
             continue
         told = last_told(channel.name, [*opened, *recent])
-        if told is not None and now - told < pace:
+        if told is not None and told <= now < told + pace:
             continue  # told by an earlier process (a restart) within the interval
         digest = Digest(
             new=_items(new),
