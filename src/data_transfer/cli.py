@@ -359,6 +359,34 @@ def notices(
         'What to do per kind: docs/data-transfer.md, "Operator notifications".',
         highlight=False,
     )
+    _print_channels()
+
+
+def _print_channels() -> None:
+    """Where each notification channel stands (the settings of this process name them)."""
+    from .notify import channel_status
+
+    try:
+        status = channel_status(_engine(), load_transfer_settings())
+    except ConfigurationError as exc:
+        console.print(f"channels: not read: {exc}", highlight=False)
+        return
+    if not status:
+        console.print(
+            "channels: none configured here (CCAT_TRANSFER_NOTIFY_*): the notices are only kept",
+            highlight=False,
+        )
+    for c in status:
+        told = f"last told {c.last_told:%Y-%m-%d %H:%M} UTC" if c.last_told else "never told"
+        if c.due and c.oldest_due is not None:
+            console.print(
+                f"[yellow]channel {c.name}: {c.due} notice(s) due and not told, the oldest "
+                f"since {c.oldest_due:%Y-%m-%d %H:%M} UTC; {told}[/yellow] (a failed send is "
+                "in the notify manager's log; `ccat-transfer notify-test` tries the channel)",
+                highlight=False,
+            )
+        else:
+            console.print(f"channel {c.name}: nothing due; {told}", highlight=False)
 
 
 @app.command("notify-test")

@@ -753,6 +753,53 @@ def prune(engine: Engine, settings: TransferSettings, now: dt.datetime) -> int:
         return gone.rowcount or 0
 
 
+def _read(
+    engine: Engine, now: dt.datetime
+) -> tuple[Sequence[OperatorNotice], Sequence[OperatorNotice]]:
+    """(the open notices, those cleared within ``CLEARED_DELIVERY_WINDOW``), detached."""
+    with Session(engine) as s:
+        opened = s.scalars(OperatorNotice.newest()).all()
+        recent = s.scalars(
+            select(OperatorNotice).where(OperatorNotice.cleared_at >= now - CLEARED_DELIVERY_WINDOW)
+        ).all()
+        s.expunge_all()
+    return opened, recent
+
+
+@dataclass
+class ChannelStatus:
+    """Where a channel stands: when it was last told, and what is due to it and not told."""
+
+    name: str
+    last_told: dt.datetime | None
+    due: int
+    oldest_due: dt.datetime | None
+
+
+def channel_status(
+    engine: Engine, settings: TransferSettings, now: dt.datetime | None = None
+) -> list[ChannelStatus]:
+    """Each configured channel's status, from the notices (the same reading ``deliver``
+    makes): a channel that cannot be reached shows as notices due and not told."""
+    now = now or dt.datetime.now(dt.UTC)
+    opened, recent = _read(engine, now)
+    out = []
+    for channel in channels(settings):
+        new, cleared = _due(
+            opened, recent if settings.notify_resolved else [], channel.name, settings, now
+        )
+        due = [*new, *cleared]
+        out.append(
+            ChannelStatus(
+                channel.name,
+                last_told(channel.name, [*opened, *recent]),
+                len(due),
+                min((_aware(n.first_seen_at) for n in due), default=None),
+            )
+        )
+    return out
+
+
 def deliver(
     engine: Engine,
     settings: TransferSettings,
@@ -762,12 +809,7 @@ def deliver(
 ) -> None:
     """Send each channel its digest of what is due to it, and record what it was told."""
     tick = time.monotonic()
-    with Session(engine) as s:  # read once for every channel
-        opened = s.scalars(OperatorNotice.newest()).all()
-        recent = s.scalars(
-            select(OperatorNotice).where(OperatorNotice.cleared_at >= now - CLEARED_DELIVERY_WINDOW)
-        ).all()
-        s.expunge_all()
+    opened, recent = _read(engine, now)  # once for every channel
     pace = dt.timedelta(seconds=settings.notify_min_interval_s)
     for channel in targets:
         new, cleared = _due(

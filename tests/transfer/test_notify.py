@@ -466,8 +466,24 @@ def test_the_cli_lists_notices_and_sends_a_test_notice(
     assert listed.returncode == 0, listed.stderr
     assert "failed" in listed.stdout and "FAILED for good" in listed.stdout
     assert "NetworkError" in listed.stdout and "1 open notice(s) shown" in listed.stdout
+    assert "channels: none configured here" in listed.stdout
 
     env["CCAT_TRANSFER_NOTIFY_WEBHOOK_URL"] = f"http://127.0.0.1:{hook.port}/hooks/t"
+    # the channel's standing: the FAILED record is due to it and it was never told
+    due = subprocess.run(
+        [*cli, "notices"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "channel webhook: 1 notice(s) due and not told" in due.stdout, due.stdout
+    assert "never told" in due.stdout
+    told = channel_settings(stack, None, hook)
+    assert notify.run_notify_pass(stack.engine, told).sent == {"webhook": 1}
+    (status,) = notify.channel_status(stack.engine, told)
+    assert status.due == 0 and status.last_told is not None
+    after = subprocess.run(
+        [*cli, "notices"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "channel webhook: nothing due; last told " in after.stdout, after.stdout
+    hook.out.joinpath("001.json").unlink()  # the test notice below is then the only message
     ok = subprocess.run(
         [*cli, "notify-test"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
