@@ -355,6 +355,7 @@ def test_notification_secrets_reach_the_managers_only_from_a_secret() -> None:
         "value": "smtp.example.org",
     }
     assert env["CCAT_TRANSFER_NOTIFY_SMTP_PORT"]["value"] == "465"
+    assert env["CCAT_TRANSFER_NOTIFY_SMTP_CA_FILE"]["value"] == "/etc/ccat/notify-ca/ca.pem"
 
     # one channel only: a webhook and no SMTP password
     webhook_only = render_docs(
