@@ -294,8 +294,13 @@ class EmailChannel:
         self.sender = settings.notify_email_from
         self.recipients = settings.notify_recipients
         self.timeout_s = settings.notify_timeout_s
-        ca = settings.notify_smtp_ca_file
-        self.context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+        self.ca_file = settings.notify_smtp_ca_file
+
+    def _context(self) -> ssl.SSLContext:
+        """The TLS context (the system's CAs, or the CA file), built when a message is sent:
+        the channels are made at every pass, most of which send nothing."""
+        ca = self.ca_file
+        return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
 
     def message(self, digest: Digest) -> EmailMessage:
         """The e-mail of ``digest``."""
@@ -318,14 +323,14 @@ class EmailChannel:
                     self.host,
                     self.port,
                     timeout=self.timeout_s,
-                    context=self.context,
+                    context=self._context(),
                 )
             else:
                 smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout_s)
             with smtp:
                 smtp.ehlo()
                 if self.security == "starttls":
-                    smtp.starttls(context=self.context)
+                    smtp.starttls(context=self._context())
                     smtp.ehlo()
                 if self.user:
                     smtp.login(self.user, self.password or "")
@@ -710,7 +715,7 @@ def _due(
     now: dt.datetime,
 ) -> tuple[list[OperatorNotice], list[OperatorNotice]]:
     """Of the open notices and those cleared lately: (openings due to ``channel``, clearings
-    due to it)."""
+    due to it: none unless ``notify_resolved``)."""
     held_since = now - dt.timedelta(seconds=settings.notify_hold_s)
     new = [
         n
@@ -720,7 +725,7 @@ def _due(
     ]
     cleared = [
         n
-        for n in recent
+        for n in (recent if settings.notify_resolved else ())
         if channel in (n.delivered or {}) and channel not in (n.cleared_delivered or {})
     ]
     return new, cleared
@@ -785,9 +790,7 @@ def channel_status(
     opened, recent = _read(engine, now)
     out = []
     for channel in channels(settings):
-        new, cleared = _due(
-            opened, recent if settings.notify_resolved else [], channel.name, settings, now
-        )
+        new, cleared = _due(opened, recent, channel.name, settings, now)
         due = [*new, *cleared]
         out.append(
             ChannelStatus(
@@ -812,9 +815,7 @@ def deliver(
     opened, recent = _read(engine, now)  # once for every channel
     pace = dt.timedelta(seconds=settings.notify_min_interval_s)
     for channel in targets:
-        new, cleared = _due(
-            opened, recent if settings.notify_resolved else [], channel.name, settings, now
-        )
+        new, cleared = _due(opened, recent, channel.name, settings, now)
         _UNDELIVERED.labels(channel.name).set(len(new) + len(cleared))
         if not (new or cleared) or not PACE.due(channel.name, tick):
             continue
