@@ -99,9 +99,9 @@ def running_api(
     db_url: str, workdir: Path, extra_env: dict[str, str] | None = None, seed: bool = True
 ) -> Iterator[ApiServer]:
     """Start ``ccat-api serve`` on a free loopback port; stop it afterwards."""
-    from ccat_ops_db.migrate import upgrade
+    from .conftest import migrate_fresh
 
-    upgrade(db_url)
+    migrate_fresh(db_url)
     tokens, ids = seed_minimal(db_url) if seed else ({}, {})
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CCAT_",))}

@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from ..api_server import free_port, seed_minimal
-from ..conftest import PgServer
+from ..conftest import PgServer, migrate_fresh
 
 BIN = Path(sys.executable).parent
 
@@ -184,12 +184,10 @@ def parse_metrics(text: str) -> dict[str, float]:
 @pytest.fixture
 def sites(pg_server: PgServer, tmp_path: Path) -> Iterator[Sites]:
     """A main API and an observatory API (buffer mode), both running; the replayer is not."""
-    from ccat_ops_db.migrate import upgrade
-
     names = {k: pg_server.create_database(f"site_{k}") for k in ("main", "replica", "buffer")}
     urls = {k: pg_server.url(v) for k, v in names.items()}
-    upgrade(urls["main"])
-    upgrade(urls["replica"])
+    migrate_fresh(urls["main"])
+    migrate_fresh(urls["replica"])
     main_tokens, ids = seed_minimal(urls["main"])
     obs_tokens, obs_ids = seed_minimal(urls["replica"])
     assert ids == obs_ids, "the replica stand-in must have the main site's reference ids"

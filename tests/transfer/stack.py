@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
 from ccat_ops_db.enums import ExecutionStatus, LocationType, PackageState, PhysicalCopyStatus
-from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.seed import default_topology_path, seed_file
+from tests.conftest import migrate_fresh
 from tests.transfer.servers import S3Server
 
 LOOPBACK = "127.0.0.1"
@@ -283,7 +283,7 @@ class Stack:
 
 def make_stack(pg_url: str, root: Path, s3: S3Server, redis_url: str | None) -> Stack:
     """Migrate + seed a fresh database and lay the sites out under ``root``."""
-    upgrade(pg_url)
+    migrate_fresh(pg_url)
     topo, roots, buckets = write_topology(root, s3)
     engine = create_engine(pg_url)
     seed_file(engine, topo)
