@@ -260,7 +260,10 @@ def _on_failure(ctx: Context, session: Session, kind: str, record: Any, exc: Bas
         if copy is not None:
             copy.status = PhysicalCopyStatus.DELETED
             copy.deleted_at = now()
-            copy.failure_reason = state.describe_error(exc)
+            # the reason says why this BUFFER copy went before its data was archived: it was
+            # bad on arrival (any unpack error: a flipped byte may break the checksum or the
+            # tar's manifest), and the origin's copy is fetched again
+            copy.failure_reason = f"dropped for a re-fetch: {state.describe_error(exc)}"[:1990]
         record.status = Status.PENDING
         record.retry_count = (record.retry_count or 0) + 1
         record.failure_reason = f"re-fetch after bad copy: {state.describe_error(exc)}"[:1990]
