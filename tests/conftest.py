@@ -61,11 +61,7 @@ class PgServer:
         if tables:
             return False
         if self._template is None:
-            template = f"head_template_{uuid.uuid4().hex[:8]}"
-            eng = self.admin_engine()
-            with eng.connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{template}"'))
-            eng.dispose()
+            template = self.create_database("head_template")
             upgrade(self.url(template))
             self._template = template
         eng = self.admin_engine()

@@ -245,6 +245,7 @@ def _on_failure(ctx: Context, session: Session, kind: str, record: Any, exc: Bas
     """Per-kind clean-up after a failure (before the retry bookkeeping)."""
     if kind == "unpack" and isinstance(exc, ChecksumMismatchError | UnpackError):
         # The copy that arrived is bad: drop it, and fetch it again from the origin.
+        why = state.describe_error(exc)
         copy = session.scalar(
             select(PhysicalCopy).where(
                 PhysicalCopy.data_transfer_package_id == record.data_transfer_package_id,
@@ -263,10 +264,10 @@ def _on_failure(ctx: Context, session: Session, kind: str, record: Any, exc: Bas
             # the reason says why this BUFFER copy went before its data was archived: it was
             # bad on arrival (any unpack error: a flipped byte may break the checksum or the
             # tar's manifest), and the origin's copy is fetched again
-            copy.failure_reason = f"dropped for a re-fetch: {state.describe_error(exc)}"[:1990]
+            copy.failure_reason = f"dropped for a re-fetch: {why}"[:1990]
         record.status = Status.PENDING
         record.retry_count = (record.retry_count or 0) + 1
-        record.failure_reason = f"re-fetch after bad copy: {state.describe_error(exc)}"[:1990]
+        record.failure_reason = f"re-fetch after bad copy: {why}"[:1990]
         record.next_attempt_at = None
     repair: Repair | None = getattr(exc, "repair", None)
     if repair is not None:
